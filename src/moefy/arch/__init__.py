@@ -1,0 +1,25 @@
+"""FFN adapters: one table of architectures and a canonical view of every FFN."""
+
+from moefy.arch.registry import (
+    ARCHITECTURES,
+    find_ffns,
+    get_spec,
+    model_type_of,
+    register_architecture,
+    replace_ffn,
+    restore_ffn,
+)
+from moefy.arch.spec import FFNSite, FFNSpec, FFNWeights
+
+__all__ = [
+    "ARCHITECTURES",
+    "FFNSite",
+    "FFNSpec",
+    "FFNWeights",
+    "find_ffns",
+    "get_spec",
+    "model_type_of",
+    "register_architecture",
+    "replace_ffn",
+    "restore_ffn",
+]

@@ -1,0 +1,182 @@
+"""The architecture table: one :class:`FFNSpec` per ``config.model_type``.
+
+Adding an architecture is one entry here, or a call to :func:`register_architecture` from user
+code. Everything else (profiler, MoEfication, thresholds) reads FFNs through :func:`find_ffns`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from moefy.arch.spec import FFNSite, FFNSpec, get_submodule, set_submodule
+from moefy.errors import MoefyError
+
+SpecOrFactory = FFNSpec | Callable[[object], FFNSpec]
+
+_LLAMA_LIKE = FFNSpec(
+    stacks=(("model.layers", "mlp"),), up="up_proj", gate="gate_proj", down="down_proj", act="act_fn"
+)
+
+
+def _t5_spec(config: object) -> FFNSpec:
+    gated = bool(getattr(config, "is_gated_act", False))
+    stacks = (("encoder.block", "layer.1.DenseReluDense"), ("decoder.block", "layer.2.DenseReluDense"))
+    if getattr(config, "is_encoder_decoder", True) is False:  # T5EncoderModel
+        stacks = stacks[:1]
+    if gated:
+        return FFNSpec(stacks=stacks, up="wi_1", gate="wi_0", down="wo", act="act")
+    return FFNSpec(stacks=stacks, up="wi", down="wo", act="act")
+
+
+ARCHITECTURES: dict[str, SpecOrFactory] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": FFNSpec(
+        stacks=(("model.layers", "mlp"),),
+        up="gate_up_proj",
+        down="down_proj",
+        act="activation_fn",
+        fused_gate_up=True,
+    ),
+    "gpt2": FFNSpec(stacks=(("transformer.h", "mlp"),), up="c_fc", down="c_proj", act="act", conv1d=True),
+    "gpt_neox": FFNSpec(
+        stacks=(("gpt_neox.layers", "mlp"),), up="dense_h_to_4h", down="dense_4h_to_h", act="act"
+    ),
+    "opt": FFNSpec(
+        stacks=(("model.decoder.layers", ""),), up="fc1", down="fc2", act="activation_fn", inline=True
+    ),
+    "bert": FFNSpec(
+        stacks=(("encoder.layer", ""),),
+        up="intermediate.dense",
+        down="output.dense",
+        act="intermediate.intermediate_act_fn",
+        inline=True,
+    ),
+    "t5": _t5_spec,
+}
+
+# Task heads wrap the base model under one of these attribute names (BertForMaskedLM.bert, ...).
+_BASE_PREFIXES = ("", "bert.", "transformer.", "model.", "roberta.")
+
+
+def model_type_of(model: nn.Module) -> str:
+    """The registry key of ``model``: ``config.model_type``, else the class name."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return model_type or type(model).__name__
+
+
+def register_architecture(model_type: str, spec: SpecOrFactory, *, overwrite: bool = False) -> None:
+    """Teach moefy where the FFNs of an architecture are.
+
+    Args:
+        model_type: ``config.model_type`` of the HF model, or the class name of a plain
+            ``nn.Module`` that has no config.
+        spec: an :class:`FFNSpec`, or a function ``config -> FFNSpec`` when the layout depends on
+            the config.
+        overwrite: replace an existing entry.
+
+    Example:
+        >>> register_architecture("mymodel", FFNSpec(stacks=(("layers", "ffn"),),
+        ...                       up="w1", gate="w3", down="w2", act="act"))
+    """
+    if model_type in ARCHITECTURES and not overwrite:
+        raise MoefyError(f"architecture {model_type!r} is registered already; pass overwrite=True")
+    ARCHITECTURES[model_type] = spec
+
+
+def get_spec(model: nn.Module) -> FFNSpec:
+    """The :class:`FFNSpec` for ``model``; a clear error if its architecture is unknown."""
+    model_type = model_type_of(model)
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise MoefyError(
+            f"unsupported architecture {model_type!r} (supported: {known}); register it with "
+            f"moefy.register_architecture({model_type!r}, moefy.FFNSpec(stacks=..., up=..., "
+            "down=..., act=..., gate=...)), see README 'Other architectures'"
+        )
+    return entry if isinstance(entry, FFNSpec) else entry(getattr(model, "config", None))
+
+
+def _resolve_stack(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
+    for prefix in _BASE_PREFIXES:
+        full = prefix + path
+        try:
+            return full, model.get_submodule(full)
+        except AttributeError:
+            continue
+    return None
+
+
+def find_ffns(model: nn.Module, spec: FFNSpec | None = None) -> list[FFNSite]:
+    """All FFN sites of ``model`` in layer order.
+
+    Args:
+        model: a supported HF model (any head) or a registered custom module.
+        spec: use this spec instead of the registry's.
+
+    Returns:
+        One :class:`FFNSite` per FFN, numbered over all stacks.
+    """
+    spec = spec or get_spec(model)
+    sites: list[FFNSite] = []
+    for blocks_path, ffn_path in spec.stacks:
+        resolved = _resolve_stack(model, blocks_path)
+        if resolved is None:
+            raise MoefyError(
+                f"{model_type_of(model)}: no module at {blocks_path!r}; the registered FFNSpec "
+                "does not match this model, fix its stacks= paths"
+            )
+        full_blocks, blocks = resolved
+        for i, block in enumerate(blocks):
+            name = ".".join(p for p in (full_blocks, str(i), ffn_path) if p)
+            try:
+                module = get_submodule(block, ffn_path)
+                site = FFNSite(index=len(sites), name=name, block=block, module=module, spec=spec)
+                site.part("up"), site.part("down"), site.part("act")
+            except AttributeError as err:
+                raise MoefyError(
+                    f"{name}: {err}; the registered FFNSpec does not match this model"
+                ) from None
+            sites.append(site)
+    if not sites:
+        raise MoefyError(f"{model_type_of(model)}: the model has no FFN layers")
+    return sites
+
+
+def replace_ffn(model: nn.Module, site: FFNSite, ffn: nn.Module) -> dict[str, nn.Module]:
+    """Put ``ffn`` (a module computing x -> FFN(x)) in the place of ``site``'s FFN.
+
+    For an inline FFN the ``up`` slot takes ``ffn`` and the ``act`` and ``down`` slots take
+    ``nn.Identity`` (and ``gate``, if any). Returns the replaced modules by slot name
+    (``{"ffn": module}`` for an FFN module) so the caller can put them back with
+    :func:`restore_ffn`.
+    """
+    spec = site.spec
+    if not spec.inline:
+        set_submodule(model, site.name, ffn)
+        return {"ffn": site.module}
+    replaced: dict[str, nn.Module] = {}
+    for part in ("up", "gate", "act", "down"):
+        path = getattr(spec, part)
+        if path is None:
+            continue
+        replaced[part] = get_submodule(site.block, path)
+        set_submodule(site.block, path, ffn if part == "up" else nn.Identity())
+    return replaced
+
+
+def restore_ffn(model: nn.Module, site: FFNSite, replaced: dict[str, nn.Module]) -> None:
+    """Undo :func:`replace_ffn` with the modules it returned (or rebuilt equivalents)."""
+    if "ffn" in replaced:
+        set_submodule(model, site.name, replaced["ffn"])
+        return
+    for part, module in replaced.items():
+        set_submodule(site.block, getattr(site.spec, part), module)

@@ -1,0 +1,73 @@
+"""Tiny randomly initialised models of every supported architecture, built from config classes.
+
+Shapes are small (D=32, F=64, 2 layers) so a forward pass costs microseconds; weights are random
+but seeded. Biases, where an architecture has them, are made non-zero so tests see them.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 128
+D, F = 32, 64
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DEC = dict(
+    hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, head_dim=8, **_IDS,
+)
+
+_BUILDERS = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**_DEC, mlp_bias=True)),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**_DEC)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_DEC)),
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**_DEC)),
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_DEC)),
+    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**_DEC)),
+    "gpt2": lambda: T.GPT2LMHeadModel(
+        T.GPT2Config(n_embd=D, n_inner=F, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, **_IDS)
+    ),
+    "gpt_neox": lambda: T.GPTNeoXForCausalLM(
+        T.GPTNeoXConfig(hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=VOCAB, max_position_embeddings=128, **_IDS)
+    ),
+    "opt": lambda: T.OPTForCausalLM(
+        T.OPTConfig(hidden_size=D, ffn_dim=F, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=VOCAB, word_embed_proj_dim=D, max_position_embeddings=128, **_IDS)
+    ),
+    "bert": lambda: T.BertModel(
+        T.BertConfig(hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0)
+    ),
+    "t5": lambda: T.T5ForConditionalGeneration(
+        T.T5Config(d_model=D, d_ff=F, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                   decoder_start_token_id=0, **_IDS)
+    ),
+    "t5-gated": lambda: T.T5ForConditionalGeneration(
+        T.T5Config(d_model=D, d_ff=F, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, **_IDS)
+    ),
+}
+
+ARCH_NAMES = tuple(_BUILDERS)
+CAUSAL_ARCH_NAMES = tuple(n for n in ARCH_NAMES if n not in ("bert", "t5", "t5-gated"))
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of architecture ``name`` in eval mode, with non-zero biases."""
+    torch.manual_seed(seed)
+    model = _BUILDERS[name]()
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if pname.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tiny_inputs(name: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for ``tiny_model(name)``: token ids (and decoder ids for T5)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    if name.startswith("t5"):
+        return {"input_ids": ids, "decoder_input_ids": ids[:, : seq // 2]}
+    return {"input_ids": ids}
