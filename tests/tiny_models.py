@@ -71,3 +71,30 @@ def tiny_inputs(name: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict
     if name.startswith("t5"):
         return {"input_ids": ids, "decoder_input_ids": ids[:, : seq // 2]}
     return {"input_ids": ids}
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A word-level fast tokenizer trained in-process on a few sentences (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = (
+        "the a of to and in is was for on that with as by at from it be this are have an not "
+        "market bank shares film music game team player election minister phone software"
+    ).split()
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials)
+    tok.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_hf_folder(path, name: str = "llama", seed: int = 0):
+    """Save ``tiny_model(name)`` and ``tiny_tokenizer()`` as a local Hugging Face folder."""
+    model = tiny_model(name, seed=seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

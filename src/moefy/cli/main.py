@@ -1,0 +1,70 @@
+"""The ``moefy`` command line: thin subcommands that build a config and call a verb.
+
+Heavy imports (torch, transformers) happen inside each command's ``run``, so ``moefy --help`` is
+instant. A user mistake (:class:`moefy.errors.MoefyError`, a bad argument) prints one line and
+exits with code 2; nothing is left half-written because every verb writes atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> module under moefy.cli that defines ``HELP``, ``add_arguments(parser)`` and ``run(args)``
+COMMANDS = {
+    "profile": "moefy.cli.profile_cmd",
+    "convert": "moefy.cli.convert_cmd",
+}
+
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that points at ``--help``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    from moefy import __version__
+
+    parser = _OneLineParser(
+        prog="moefy",
+        description="Profile, MoEfy, route and sparsify the FFNs of Hugging Face models.",
+    )
+    parser.add_argument("--version", action="version", version=f"moefy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``moefy`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from moefy.errors import MoefyError
+
+    try:
+        return int(args._run(args) or 0)
+    except MoefyError as err:
+        sys.stderr.write(f"moefy {args.command}: error: {err}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("moefy: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

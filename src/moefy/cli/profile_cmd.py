@@ -1,0 +1,65 @@
+"""``moefy profile``: measure the activation sparsity of every FFN layer."""
+
+from __future__ import annotations
+
+import argparse
+
+from moefy.cli.args import add_model_and_data, open_unit_float
+
+HELP = "measure activation sparsity per FFN layer; write a profile, a table and plots"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_data(parser, tokens=65536)
+    parser.add_argument("--out", default="runs/profile", help="output folder for the profile")
+    parser.add_argument(
+        "--active-rule", choices=("contribution", "nonzero", "magnitude"), default="contribution",
+        help="what makes a neuron 'active' for a token (default: in the smallest set carrying "
+        "--active-share of the FFN output mass)",
+    )
+    parser.add_argument(
+        "--active-share", type=open_unit_float, default=0.9,
+        help="output-mass share for the contribution rule",
+    )
+    parser.add_argument(
+        "--coactivation", action="store_true",
+        help="also count neuron co-activation (d_ff x d_ff per layer, kept on disk; needed by "
+        "'moefy convert --method coactivation')",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moefy import dist
+    from moefy.cli.show import console, print_table
+    from moefy.data.text import load_text
+    from moefy.models.load import load_model
+    from moefy.profile import ProfileConfig, profile, write_plots
+
+    config = ProfileConfig(
+        batch_size=args.batch_size,
+        active_rule=args.active_rule,
+        active_share=args.active_share,
+        coactivation=args.coactivation,
+        progress=True,
+    )
+    out = Path(args.out)
+    dist.init_from_env()
+    with console().status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
+        blocks = load_text(args.data).blocks(
+            tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
+        )
+    result = profile(model, blocks, config)
+    if not dist.is_main_process():
+        return 0
+    result.save(out)
+    rows = result.table_rows()
+    print_table(f"FFN activation sparsity: {args.model} on {blocks.n_tokens} tokens of {args.data}", rows)
+    console().print(f"profile written to [bold]{out}[/bold]")
+    if not args.no_plots:
+        plots = write_plots(result, out / "plots")
+        console().print(f"{len(plots)} plots written to [bold]{out / 'plots'}[/bold]")
+    return 0
