@@ -13,8 +13,15 @@ VOCAB = 128
 D, F = 32, 64
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _DEC = dict(
-    hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, head_dim=8, **_IDS,
+    hidden_size=D,
+    intermediate_size=F,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    head_dim=8,
+    **_IDS,
 )
 
 _BUILDERS = {
@@ -25,27 +32,68 @@ _BUILDERS = {
     "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_DEC)),
     "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**_DEC)),
     "gpt2": lambda: T.GPT2LMHeadModel(
-        T.GPT2Config(n_embd=D, n_inner=F, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, **_IDS)
+        T.GPT2Config(
+            n_embd=D, n_inner=F, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, **_IDS
+        )
     ),
     "gpt_neox": lambda: T.GPTNeoXForCausalLM(
-        T.GPTNeoXConfig(hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=VOCAB, max_position_embeddings=128, **_IDS)
+        T.GPTNeoXConfig(
+            hidden_size=D,
+            intermediate_size=F,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            **_IDS,
+        )
     ),
     "opt": lambda: T.OPTForCausalLM(
-        T.OPTConfig(hidden_size=D, ffn_dim=F, num_hidden_layers=2, num_attention_heads=4,
-                    vocab_size=VOCAB, word_embed_proj_dim=D, max_position_embeddings=128, **_IDS)
+        T.OPTConfig(
+            hidden_size=D,
+            ffn_dim=F,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            word_embed_proj_dim=D,
+            max_position_embeddings=128,
+            **_IDS,
+        )
     ),
     "bert": lambda: T.BertModel(
-        T.BertConfig(hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0)
+        T.BertConfig(
+            hidden_size=D,
+            intermediate_size=F,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
     ),
     "t5": lambda: T.T5ForConditionalGeneration(
-        T.T5Config(d_model=D, d_ff=F, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
-                   decoder_start_token_id=0, **_IDS)
+        T.T5Config(
+            d_model=D,
+            d_ff=F,
+            num_layers=2,
+            num_heads=4,
+            d_kv=8,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+            **_IDS,
+        )
     ),
     "t5-gated": lambda: T.T5ForConditionalGeneration(
-        T.T5Config(d_model=D, d_ff=F, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
-                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, **_IDS)
+        T.T5Config(
+            d_model=D,
+            d_ff=F,
+            num_layers=2,
+            num_heads=4,
+            d_kv=8,
+            vocab_size=VOCAB,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+            **_IDS,
+        )
     ),
 }
 
@@ -73,22 +121,29 @@ def tiny_inputs(name: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict
     return {"input_ids": ids}
 
 
+_WORDS = (
+    "the a of to and in is was for on that with as by at from it be this are have an not market "
+    "bank shares film music game team player election minister phone software"
+).split(" ")
+
+
 def tiny_tokenizer(vocab_size: int = VOCAB):
     """A word-level fast tokenizer trained in-process on a few sentences (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = (
-        "the a of to and in is was for on that with as by at from it be this are have an not "
-        "market bank shares film music game team player election minister phone software"
-    ).split()
+    words = _WORDS
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials)
     tok.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
 
 

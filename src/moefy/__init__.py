@@ -1,3 +1,54 @@
-"""moefy: turn the activation sparsity of Transformer FFNs into cheaper, faster inference."""
+"""moefy: turn the activation sparsity of Transformer FFNs into cheaper, faster inference.
+
+The public verbs, configs and results are importable from here; submodules load on first use so
+``import moefy`` (and ``moefy --help``) stays fast.
+
+Example:
+    >>> import moefy
+    >>> model, tokenizer = moefy.load_model("smollm2-135m")
+    >>> blocks = moefy.load_text("bbc-news").blocks(tokenizer, n_tokens=8192)
+    >>> prof = moefy.profile(model, blocks)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # architectures
+    "FFNSpec": "moefy.arch",
+    "register_architecture": "moefy.arch",
+    "find_ffns": "moefy.arch",
+    # models and text
+    "load_model": "moefy.models.load",
+    "load_text": "moefy.data.text",
+    "TokenBlocks": "moefy.data.blocks",
+    # evaluation
+    "perplexity": "moefy.eval.perplexity",
+    "PerplexityResult": "moefy.eval.perplexity",
+    # profiling
+    "profile": "moefy.profile",
+    "ProfileConfig": "moefy.profile",
+    "SparsityProfile": "moefy.profile",
+    # errors
+    "MoefyError": "moefy.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'moefy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary sibling, then rename, so no half-written file is left."""
+"""Atomic writes: write to a temporary sibling, then rename, so no half-written file is left."""
 
 from __future__ import annotations
 

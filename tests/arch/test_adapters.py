@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from tiny_models import ARCH_NAMES, tiny_inputs, tiny_model
 
 from moefy.arch import (
     ARCHITECTURES,
@@ -17,6 +16,7 @@ from moefy.arch import (
     restore_ffn,
 )
 from moefy.errors import MoefyError
+from tiny_models import ARCH_NAMES, tiny_inputs, tiny_model
 
 EXPECTED_LAYERS = {name: 2 for name in ARCH_NAMES} | {"t5": 4, "t5-gated": 4}
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "t5-gated"}
@@ -137,7 +137,9 @@ class CustomNet(nn.Module):
 
 
 def test_unregistered_architecture_names_what_to_register():
-    with pytest.raises(MoefyError, match=r"unsupported architecture 'CustomNet'.*register_architecture"):
+    with pytest.raises(
+        MoefyError, match=r"unsupported architecture 'CustomNet'.*register_architecture"
+    ):
         get_spec(CustomNet())
 
 

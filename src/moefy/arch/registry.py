@@ -16,13 +16,20 @@ from moefy.errors import MoefyError
 SpecOrFactory = FFNSpec | Callable[[object], FFNSpec]
 
 _LLAMA_LIKE = FFNSpec(
-    stacks=(("model.layers", "mlp"),), up="up_proj", gate="gate_proj", down="down_proj", act="act_fn"
+    stacks=(("model.layers", "mlp"),),
+    up="up_proj",
+    gate="gate_proj",
+    down="down_proj",
+    act="act_fn",
 )
 
 
 def _t5_spec(config: object) -> FFNSpec:
     gated = bool(getattr(config, "is_gated_act", False))
-    stacks = (("encoder.block", "layer.1.DenseReluDense"), ("decoder.block", "layer.2.DenseReluDense"))
+    stacks = (
+        ("encoder.block", "layer.1.DenseReluDense"),
+        ("decoder.block", "layer.2.DenseReluDense"),
+    )
     if getattr(config, "is_encoder_decoder", True) is False:  # T5EncoderModel
         stacks = stacks[:1]
     if gated:
@@ -44,12 +51,18 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         act="activation_fn",
         fused_gate_up=True,
     ),
-    "gpt2": FFNSpec(stacks=(("transformer.h", "mlp"),), up="c_fc", down="c_proj", act="act", conv1d=True),
+    "gpt2": FFNSpec(
+        stacks=(("transformer.h", "mlp"),), up="c_fc", down="c_proj", act="act", conv1d=True
+    ),
     "gpt_neox": FFNSpec(
         stacks=(("gpt_neox.layers", "mlp"),), up="dense_h_to_4h", down="dense_4h_to_h", act="act"
     ),
     "opt": FFNSpec(
-        stacks=(("model.decoder.layers", ""),), up="fc1", down="fc2", act="activation_fn", inline=True
+        stacks=(("model.decoder.layers", ""),),
+        up="fc1",
+        down="fc2",
+        act="activation_fn",
+        inline=True,
     ),
     "bert": FFNSpec(
         stacks=(("encoder.layer", ""),),

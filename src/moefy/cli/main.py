@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> module under moefy.cli that defines ``HELP``, ``add_arguments(parser)`` and ``run(args)``
+# subcommand -> module defining ``HELP``, ``add_arguments(parser)`` and ``run(args)``
 COMMANDS = {
     "profile": "moefy.cli.profile_cmd",
     "convert": "moefy.cli.convert_cmd",

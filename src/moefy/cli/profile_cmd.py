@@ -13,16 +13,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=65536)
     parser.add_argument("--out", default="runs/profile", help="output folder for the profile")
     parser.add_argument(
-        "--active-rule", choices=("contribution", "nonzero", "magnitude"), default="contribution",
+        "--active-rule",
+        choices=("contribution", "nonzero", "magnitude"),
+        default="contribution",
         help="what makes a neuron 'active' for a token (default: in the smallest set carrying "
         "--active-share of the FFN output mass)",
     )
     parser.add_argument(
-        "--active-share", type=open_unit_float, default=0.9,
+        "--active-share",
+        type=open_unit_float,
+        default=0.9,
         help="output-mass share for the contribution rule",
     )
     parser.add_argument(
-        "--coactivation", action="store_true",
+        "--coactivation",
+        action="store_true",
         help="also count neuron co-activation (d_ff x d_ff per layer, kept on disk; needed by "
         "'moefy convert --method coactivation')",
     )
@@ -57,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result.save(out)
     rows = result.table_rows()
-    print_table(f"FFN activation sparsity: {args.model} on {blocks.n_tokens} tokens of {args.data}", rows)
+    print_table(
+        f"FFN activation sparsity: {args.model} on {blocks.n_tokens} tokens of {args.data}", rows
+    )
     console().print(f"profile written to [bold]{out}[/bold]")
     if not args.no_plots:
         plots = write_plots(result, out / "plots")

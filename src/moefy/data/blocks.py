@@ -30,7 +30,9 @@ class TokenBlocks:
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2 or self.input_ids.numel() == 0:
-            raise MoefyError("TokenBlocks needs a non-empty (blocks, block_len) tensor of token ids")
+            raise MoefyError(
+                "TokenBlocks needs a non-empty (blocks, block_len) tensor of token ids"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -48,8 +50,11 @@ class TokenBlocks:
         """The blocks of one rank: a disjoint, strided share (rank r takes r, r+world, ...)."""
         if world <= 1:
             return self
-        return TokenBlocks(self.input_ids[rank::world], self.source, self.split) if rank < self.num_blocks \
+        return (
+            TokenBlocks(self.input_ids[rank::world], self.source, self.split)
+            if rank < self.num_blocks
             else _empty_like(self)
+        )
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Yield (B, T) batches in order; the last may be smaller."""
