@@ -31,9 +31,9 @@ _EXPORTS = {
     "perplexity": "moefy.eval.perplexity",
     "PerplexityResult": "moefy.eval.perplexity",
     # profiling
-    "profile": "moefy.profile",
-    "ProfileConfig": "moefy.profile",
-    "SparsityProfile": "moefy.profile",
+    "profile": "moefy.profiling",
+    "ProfileConfig": "moefy.profiling",
+    "SparsityProfile": "moefy.profiling",
     # errors
     "MoefyError": "moefy.errors",
 }

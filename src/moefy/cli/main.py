@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Hide transformers' per-file loading bars and info logs: moefy shows its own progress."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moefy`` console script; returns the exit code."""
     parser = build_parser()
@@ -56,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from moefy.errors import MoefyError
 
+    _quiet_libraries()
     try:
         return int(args._run(args) or 0)
     except MoefyError as err:

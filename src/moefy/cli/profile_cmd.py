@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from moefy.cli.show import console, print_table
     from moefy.data.text import load_text
     from moefy.models.load import load_model
-    from moefy.profile import ProfileConfig, profile, write_plots
+    from moefy.profiling import ProfileConfig, profile, write_plots
 
     config = ProfileConfig(
         batch_size=args.batch_size,

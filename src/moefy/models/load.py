@@ -150,16 +150,30 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
 
 
+# Folders written by moefy's own verbs: marker file -> (module, function) that rebuilds the model.
+MOEFY_FORMATS = {
+    "moefy_config.json": ("moefy.moe.serialize", "from_pretrained"),
+}
+
+
 def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    import importlib
+
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError) as err:
-        raise MoefyError(f"cannot read the model config in {folder}: {err}") from None
-    model = _model_class(config).from_pretrained(
-        folder, config=config, dtype=dtype, local_files_only=True
-    )
+    marker = next((m for m in MOEFY_FORMATS if (folder / m).is_file()), None)
+    if marker is not None:
+        module_name, function = MOEFY_FORMATS[marker]
+        loader = getattr(importlib.import_module(module_name), function)
+        model = loader(folder).to(dtype)
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (ValueError, KeyError, OSError) as err:
+            raise MoefyError(f"cannot read the model config in {folder}: {err}") from None
+        model = _model_class(config).from_pretrained(
+            folder, config=config, dtype=dtype, local_files_only=True
+        )
     model.eval()
     tokenizer = None
     if any((folder / file).is_file() for file in TOKENIZER_FILES):

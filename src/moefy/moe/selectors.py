@@ -1,0 +1,193 @@
+"""Expert selectors: which experts each token runs.
+
+Shape legend:
+    N: tokens, D: model width, E: experts
+
+A selector is an ``nn.Module`` held by :class:`moefy.moe.MoEFFN` as its ``selector`` submodule,
+so whatever it learns (a router's weights, in the next issue) sits in the model's state dict and
+is saved with it. It scores experts per token and keeps the top k. Selectors are registered by
+type name in :data:`SELECTORS`, which is how a saved model rebuilds them: a learned router is one
+subclass that overrides :meth:`ExpertSelector.scores` (and :meth:`ExpertSelector.to_dict` /
+:meth:`ExpertSelector.from_dict` for its extra settings) plus :func:`register_selector`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from moefy.errors import MoefyError
+
+if TYPE_CHECKING:
+    from moefy.moe.module import MoEFFN
+
+SELECTORS: dict[str, type[ExpertSelector]] = {}
+
+
+def register_selector(cls: type[ExpertSelector]) -> type[ExpertSelector]:
+    """Register a selector class under its ``selector_type`` (a class decorator).
+
+    Example:
+        >>> @register_selector
+        ... class FirstExperts(ExpertSelector):
+        ...     selector_type = "first"
+        ...     def scores(self, x, moe):
+        ...         return -torch.arange(self.num_experts, dtype=x.dtype).expand(len(x), -1)
+    """
+    name = cls.selector_type
+    if not name:
+        raise MoefyError(f"{cls.__name__} needs a non-empty selector_type to be registered")
+    SELECTORS[name] = cls
+    return cls
+
+
+class ExpertSelector(nn.Module):
+    """Base selector: score experts per token, keep the top ``k`` (or ``fraction`` of E).
+
+    With neither ``k`` nor ``fraction`` every expert runs (the MoE equals the dense FFN).
+
+    Args:
+        num_experts: E of the layer.
+        k: experts per token, 1 <= k <= E.
+        fraction: share of experts per token, in (0, 1]; k = round(fraction * E), at least 1.
+
+    Example:
+        >>> sel = OracleSelector(64, fraction=0.25)
+        >>> sel.num_selected()
+        16
+    """
+
+    selector_type: ClassVar[str] = ""
+
+    def __init__(
+        self, num_experts: int, *, k: int | None = None, fraction: float | None = None
+    ) -> None:
+        super().__init__()
+        self.num_experts = int(num_experts)
+        self.k: int | None = None
+        self.fraction: float | None = None
+        self.set_topk(k=k, fraction=fraction)
+
+    def set_topk(self, k: int | None = None, fraction: float | None = None) -> None:
+        """Change how many experts run per token (both ``None``: all of them).
+
+        Raises:
+            MoefyError: both given, k outside [1, E], or fraction outside (0, 1].
+        """
+        if k is not None and fraction is not None:
+            raise MoefyError("give k or fraction of experts, not both")
+        if k is not None and (
+            isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts
+        ):
+            raise MoefyError(
+                f"k={k!r} experts is out of range: the layer has 1..{self.num_experts}"
+            )
+        if fraction is not None and not 0.0 < float(fraction) <= 1.0:
+            raise MoefyError(f"fraction={fraction!r} of experts must be in (0, 1]")
+        self.k = k
+        self.fraction = None if fraction is None else float(fraction)
+
+    def num_selected(self) -> int:
+        """Experts each token runs under the current setting."""
+        if self.k is not None:
+            return self.k
+        if self.fraction is not None:
+            return min(self.num_experts, max(1, math.floor(self.fraction * self.num_experts + 0.5)))
+        return self.num_experts
+
+    def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+        """(N, D) tokens -> (N, E) expert scores, higher runs first."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+        """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
+        k = self.num_selected()
+        if k >= self.num_experts:  # every expert runs; no need to score them
+            return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
+        top = self.scores(x, moe).topk(k, dim=-1).indices  # (N, k)
+        mask = torch.zeros(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
+        return mask.scatter_(1, top, True)
+
+    def flops_per_token(self, d_model: int) -> float:
+        """FLOPs per token the selection itself costs at inference (0 unless overridden)."""
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings that rebuild this selector with :meth:`from_dict` (weights are in state)."""
+        return {"type": self.selector_type, "k": self.k, "fraction": self.fraction}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, num_experts: int, d_model: int) -> ExpertSelector:
+        """Rebuild a selector of this class from :meth:`to_dict` output."""
+        return cls(num_experts, k=data.get("k"), fraction=data.get("fraction"))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, selected={self.num_selected()}"
+
+
+@register_selector
+class OracleSelector(ExpertSelector):
+    """Runs the experts with the largest true output norm ``||W_out_e h_e||`` per token.
+
+    An analysis tool: finding the norms computes every expert, so it shows the best any router
+    could do with the same k, not a speed-up. Its own cost is not counted in FLOPs.
+    """
+
+    selector_type = "oracle"
+
+    def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+        return moe.expert_norms(x)
+
+
+def selector_from_dict(data: dict[str, Any], *, num_experts: int, d_model: int) -> ExpertSelector:
+    """Rebuild a registered selector from its :meth:`ExpertSelector.to_dict` output.
+
+    Raises:
+        MoefyError: unknown selector type.
+    """
+    kind = data.get("type") if isinstance(data, dict) else None
+    cls = SELECTORS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MoefyError(
+            f"unknown expert selector {kind!r} (known: {sorted(SELECTORS)}); import the module "
+            "that registers it before loading"
+        )
+    return cls.from_dict(data, num_experts=num_experts, d_model=d_model)
+
+
+def selection_mask(selection: torch.Tensor, num_tokens: int, num_experts: int) -> torch.Tensor:
+    """Normalise a given selection to an (N, E) boolean mask.
+
+    Args:
+        selection: a boolean mask (..., E) or an integer index tensor (..., k) of expert ids,
+            whose leading dimensions hold ``num_tokens`` tokens.
+        num_tokens: N.
+        num_experts: E.
+
+    Returns:
+        (N, E) bool mask.
+
+    Raises:
+        MoefyError: wrong shape, dtype or expert ids out of range.
+    """
+    if selection.dtype == torch.bool:
+        if selection.shape[-1] != num_experts or selection.numel() != num_tokens * num_experts:
+            raise MoefyError(
+                f"selection mask of shape {tuple(selection.shape)} does not fit {num_tokens} "
+                f"tokens x {num_experts} experts"
+            )
+        return selection.reshape(num_tokens, num_experts)
+    if selection.is_floating_point() or selection.is_complex():
+        raise MoefyError("a selection is a boolean mask or an integer tensor of expert ids")
+    if selection.ndim == 0 or selection.numel() % max(num_tokens, 1):
+        raise MoefyError(
+            f"selection index of shape {tuple(selection.shape)} does not fit {num_tokens} tokens"
+        )
+    index = selection.reshape(num_tokens, -1).long()  # (N, k)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_experts):
+        raise MoefyError(f"selection has expert ids outside [0, {num_experts})")
+    mask = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=selection.device)
+    return mask.scatter_(1, index, True)
