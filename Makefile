@@ -24,8 +24,20 @@ $(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt Makefile 
 	$(PIP) install --no-deps -e .
 	@touch $@
 
+# The demo profiles fewer tokens than `moefy profile`'s default (65536) to stay within minutes.
+DEMO_PROFILE_TOKENS ?= 16384
+DEMO_EVAL_TOKENS ?= 8192
+MOEFY := $(VENV)/bin/moefy
+
 demo: $(STAMP)
-	$(VENV)/bin/moefy profile --model smollm2-135m --data bbc-news --out $(RUNS)/profile
+	$(MOEFY) profile --model smollm2-135m --data bbc-news --tokens $(DEMO_PROFILE_TOKENS) \
+		--coactivation --out $(RUNS)/profile
+	$(MOEFY) convert --model smollm2-135m --experts 64 --method coactivation \
+		--profile $(RUNS)/profile --out $(RUNS)/moe
+	$(MOEFY) splits --model smollm2-135m --data bbc-news --tokens $(DEMO_EVAL_TOKENS) \
+		--experts 64 --methods random,params,coactivation --fractions 0.5,0.25,0.125 \
+		--profile $(RUNS)/profile --results $(RUNS)/results.json
+	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/results.json (table rows)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -121,7 +121,7 @@ def tiny_inputs(name: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict
     return {"input_ids": ids}
 
 
-_WORDS = (
+WORDS = (
     "the a of to and in is was for on that with as by at from it be this are have an not market "
     "bank shares film music game team player election minister phone software"
 ).split(" ")
@@ -132,7 +132,7 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = _WORDS
+    words = WORDS
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]

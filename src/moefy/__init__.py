@@ -27,6 +27,7 @@ _EXPORTS = {
     "load_model": "moefy.models.load",
     "load_text": "moefy.data.text",
     "TokenBlocks": "moefy.data.blocks",
+    "TextSource": "moefy.data.text",
     # evaluation
     "perplexity": "moefy.eval.perplexity",
     "PerplexityResult": "moefy.eval.perplexity",
@@ -34,6 +35,17 @@ _EXPORTS = {
     "profile": "moefy.profiling",
     "ProfileConfig": "moefy.profiling",
     "SparsityProfile": "moefy.profiling",
+    # MoEfication
+    "moefy_": "moefy.moe",
+    "unmoefy": "moefy.moe",
+    "MoEfyConfig": "moefy.moe",
+    "MoEFFN": "moefy.moe",
+    "set_selection": "moefy.moe",
+    "flops_report": "moefy.moe",
+    "ffn_flops_per_token": "moefy.moe",
+    "save": "moefy.moe",
+    "from_pretrained": "moefy.moe",
+    "split_quality": "moefy.moe.quality",
     # errors
     "MoefyError": "moefy.errors",
 }

@@ -86,6 +86,21 @@ def test_oracle_picks_largest_norm_experts() -> None:
     assert chosen.sum(dim=-1).eq(3).all()
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "t5-gated"])
+def test_oracle_forward_reuses_activations_and_equals_grouped_dispatch(name: str, fp32) -> None:
+    """The oracle's shortcut (outputs from the activations it scored) vs the grouped reference."""
+    moe = _moe_for(find_ffns(tiny_model(name))[0])
+    moe.selector.set_topk(k=3)
+    x = _tokens(moe.d_model, n=16)
+    with torch.no_grad():
+        mask = moe.selector(x, moe)  # (N, E) the oracle's choice, scored the plain way
+        reference = moe._forward_grouped(x, mask)
+        moe.reset_tally()
+        torch.testing.assert_close(moe(x), reference, **fp32)
+    assert moe.selection_counts.sum() == 16 * 3
+    assert moe.selection_counts.tolist() == mask.sum(dim=0).tolist()
+
+
 def test_given_selection_forms_and_one_shot() -> None:
     site = find_ffns(tiny_model("gpt2"))[0]
     moe = _moe_for(site)

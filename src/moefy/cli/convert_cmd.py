@@ -17,17 +17,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--experts", type=positive_int, help="experts per FFN layer (default 64)")
     size.add_argument("--expert-size", type=positive_int, help="neurons per expert")
     parser.add_argument(
-        "--method", choices=("random", "params", "coactivation"), default="params",
+        "--method",
+        choices=("random", "params", "coactivation"),
+        default="params",
         help="how neurons are grouped into experts",
     )
     parser.add_argument(
-        "--profile", default=None,
+        "--profile",
+        default=None,
         help="profile folder with co-activation counts (moefy profile --coactivation); "
         "needed by --method coactivation",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument(
-        "--size-multiple", type=positive_int, default=1,
+        "--size-multiple",
+        type=positive_int,
+        default=1,
         help="round expert sizes up to this multiple (8 or 16 suit kernels); pads with zeros",
     )
     parser.add_argument("--out", default="runs/moe", help="output folder of the moefied model")
@@ -41,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from moefy.moe import MoEfyConfig, moe_layers, moefy_, save
     from moefy.profiling import SparsityProfile
 
-    experts = args.experts if args.expert_size is None and args.experts else None
-    if args.expert_size is None and experts is None:
-        experts = 64
+    default_experts = 64
+    experts = args.experts or (default_experts if args.expert_size is None else None)
     config = MoEfyConfig(
         num_experts=experts,
         expert_size=args.expert_size,
@@ -58,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
     out = save(model, Path(args.out), tokenizer=tokenizer)
     layers = moe_layers(model)
     rows = [
-        {"layer": moe.layer_index, "experts": moe.num_experts, "expert size": moe.expert_size,
-         "neurons": int((moe.perm >= 0).sum())}
+        {
+            "layer": moe.layer_index,
+            "experts": moe.num_experts,
+            "expert size": moe.expert_size,
+            "neurons": int((moe.perm >= 0).sum()),
+        }
         for moe in layers[:: max(1, len(layers) // 6)]
     ]
     print_table(f"{args.model}: {len(layers)} FFN layers split by {args.method}", rows)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "profile": "moefy.cli.profile_cmd",
     "convert": "moefy.cli.convert_cmd",
+    "splits": "moefy.cli.splits_cmd",
 }
 
 EXIT_USAGE = 2

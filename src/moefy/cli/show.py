@@ -5,13 +5,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+_PIPE_WIDTH = 160
+
 
 @functools.cache
 def console():
     """The shared rich console (stdout)."""
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    # Off a terminal (CI logs, pipes) rich assumes 80 columns and cuts numbers; give tables room.
+    return Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 
 
 def _cell(value: object) -> str:

@@ -250,7 +250,10 @@ class MoEFFN(nn.Module):
         Computed as ``sqrt(h_e^T G_e h_e)`` with the Gram matrices ``G_e = W_out_e W_out_e^T``
         (E, S, S), which costs N*F*S instead of N*F*D multiply-adds when S < D.
         """
-        hidden = self.expert_hidden(x)  # (N, E, S)
+        return self.expert_norms_from_hidden(self.expert_hidden(x))
+
+    def expert_norms_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``||W_out_e h_e||`` from every expert's activations: (N, E, S) -> (N, E)."""
         if self.expert_size >= self.d_model:  # Gram matrices would cost more than the products
             norms = [
                 torch.linalg.vector_norm(hidden[:, e] @ self.w_out[e], dim=-1)  # (N,)
@@ -312,15 +315,42 @@ class MoEFFN(nn.Module):
         if self._next_selection is not None:
             given, self._next_selection = self._next_selection, None
             mask = selection_mask(given.to(tokens.device), tokens.shape[0], self.num_experts)
+        elif self.selector.scores_from_expert_hidden and not self.selector.selects_all():
+            # The oracle has computed every expert to score them: sum the selected ones' outputs
+            # from those activations instead of computing them a second time.
+            hidden = self.expert_hidden(tokens)  # (N, E, S)
+            mask = self.selector.topk_mask(self.expert_norms_from_hidden(hidden))  # (N, E)
+            self._count(mask)
+            return self._forward_from_hidden(hidden, mask).reshape(shape)
         else:
             mask = self.selector(tokens, self)  # (N, E)
-        with torch.no_grad():
-            self.selection_counts += mask.sum(dim=0)
-            self.tokens_seen += tokens.shape[0]
+        self._count(mask)
         # Every expert for every token: the same sums as two dense products, so take those.
         dense = bool(mask.all())
         out = self._forward_all(tokens) if dense else self._forward_grouped(tokens, mask)
         return out.reshape(shape)
+
+    def _count(self, mask: torch.Tensor) -> None:
+        """Add a (N, E) selection to the tally that FLOPs and active-fraction reports read."""
+        with torch.no_grad():
+            self.selection_counts += mask.sum(dim=0)
+            self.tokens_seen += mask.shape[0]
+
+    def _forward_from_hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Output of the selected experts from all experts' activations.
+
+        Args:
+            hidden: (N, E, S) activations of every expert.
+            mask: (N, E) experts to keep per token.
+
+        Returns:
+            (N, D): sum over selected e of ``h_e @ W_out_e`` (+ down bias).
+        """
+        kept = (hidden * mask.unsqueeze(-1).to(hidden.dtype)).flatten(1)  # (N, E*S)
+        w_out = self.w_out.reshape(-1, self.d_model)  # (E*S, D)
+        if self.b_out is None:
+            return kept @ w_out
+        return torch.addmm(self.b_out, kept, w_out)
 
     # ------------------------------------------------------------------ accounting
 

@@ -98,17 +98,27 @@ class ExpertSelector(nn.Module):
             return min(self.num_experts, max(1, math.floor(self.fraction * self.num_experts + 0.5)))
         return self.num_experts
 
+    # True when scores come from every expert's activations (see OracleSelector).
+    scores_from_expert_hidden = False
+
     def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
         """(N, D) tokens -> (N, E) expert scores, higher runs first."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
         """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
-        k = self.num_selected()
-        if k >= self.num_experts:  # every expert runs; no need to score them
+        if self.selects_all():  # every expert runs; no need to score them
             return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
-        top = self.scores(x, moe).topk(k, dim=-1).indices  # (N, k)
-        mask = torch.zeros(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
+        return self.topk_mask(self.scores(x, moe))
+
+    def selects_all(self) -> bool:
+        """True when every expert runs for every token."""
+        return self.num_selected() >= self.num_experts
+
+    def topk_mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N, E) scores -> (N, E) boolean mask of each token's top-k experts."""
+        top = scores.topk(self.num_selected(), dim=-1).indices  # (N, k)
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         return mask.scatter_(1, top, True)
 
     def flops_per_token(self, d_model: int) -> float:
@@ -137,6 +147,8 @@ class OracleSelector(ExpertSelector):
     """
 
     selector_type = "oracle"
+    # Its scores need every expert's activations; MoEFFN then reuses them for the output.
+    scores_from_expert_hidden = True
 
     def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
         return moe.expert_norms(x)

@@ -1,0 +1,86 @@
+"""``moefy splits``: compare MoEfication split methods by perplexity at several expert shares."""
+
+from __future__ import annotations
+
+import argparse
+
+from moefy.cli.args import add_model_and_data, float_list, positive_int
+
+HELP = "perplexity of each split method at several shares of experts (oracle selection)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_data(parser, tokens=8192)
+    parser.add_argument("--experts", type=positive_int, default=64, help="experts per FFN layer")
+    parser.add_argument(
+        "--methods",
+        default="random,params,coactivation",
+        help="comma-separated split methods",
+    )
+    parser.add_argument(
+        "--fractions",
+        type=float_list,
+        default=(0.5, 0.25, 0.125),
+        help="comma-separated shares of experts per token",
+    )
+    parser.add_argument(
+        "--profile", default=None, help="profile folder with co-activation counts (coactivation)"
+    )
+    parser.add_argument(
+        "--results", default="runs/results.json", help="JSON results file to add the rows to"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from moefy.cli.show import console, print_table
+    from moefy.data.text import load_text
+    from moefy.errors import MoefyError
+    from moefy.models.load import load_model
+    from moefy.moe.quality import split_quality
+    from moefy.profiling import SparsityProfile
+    from moefy.results import add_rows
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "coactivation" in methods and not args.profile:
+        raise MoefyError(
+            "--methods coactivation needs --profile (run moefy profile --coactivation)"
+        )
+    if any(not 0.0 < f <= 1.0 for f in args.fractions) or not args.fractions:
+        raise MoefyError(f"--fractions must lie in (0, 1], got {args.fractions}")
+    profile = SparsityProfile.load(args.profile) if args.profile else None
+    with console().status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
+        blocks = load_text(args.data).blocks(
+            tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.tokens
+        )
+    rows = split_quality(
+        model,
+        blocks,
+        methods,
+        args.fractions,
+        num_experts=args.experts,
+        profile=profile,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    for row in rows:
+        row.update(model=args.model, data=args.data, eval_tokens=blocks.n_tokens)
+    add_rows(args.results, rows)
+    shown = [
+        {
+            "method": r["method"],
+            "experts %": 100 * r["level"],
+            "measured active %": 100 * r["active_fraction"],
+            "FFN FLOPs %": 100 * r["ffn_flops_ratio"],
+            "perplexity": r["perplexity"],
+            "x dense": r["ppl_ratio"],
+        }
+        for r in rows
+    ]
+    print_table(
+        f"MoEfication, oracle selection: {args.model}, {args.experts} experts/layer, "
+        f"{blocks.n_tokens} evaluation tokens of {args.data}",
+        shown,
+    )
+    console().print(f"rows added to [bold]{args.results}[/bold]")
+    return 0
