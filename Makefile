@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt Makefile 
 # The demo profiles fewer tokens than `moefy profile`'s default (65536) to stay within minutes.
 DEMO_PROFILE_TOKENS ?= 16384
 DEMO_EVAL_TOKENS ?= 8192
+DEMO_ROUTER_TOKENS ?= 8192
 MOEFY := $(VENV)/bin/moefy
 
 demo: $(STAMP)
@@ -37,7 +38,11 @@ demo: $(STAMP)
 	$(MOEFY) splits --model smollm2-135m --data bbc-news --tokens $(DEMO_EVAL_TOKENS) \
 		--experts 64 --methods random,params,coactivation --fractions 0.5,0.25,0.125 \
 		--profile $(RUNS)/profile --results $(RUNS)/results.json
-	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/results.json (table rows)"
+	$(MOEFY) train-routers --model $(RUNS)/moe --data bbc-news --router mlp \
+		--tokens $(DEMO_ROUTER_TOKENS) --eval-tokens $(DEMO_EVAL_TOKENS) \
+		--fractions 0.5,0.25,0.125 --taus 0.9,0.8 --out $(RUNS)/moe-routed \
+		--results $(RUNS)/results.json
+	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/moe-routed (with mlp routers), $(RUNS)/results.json (table rows)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

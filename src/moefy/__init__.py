@@ -46,6 +46,13 @@ _EXPORTS = {
     "save": "moefy.moe",
     "from_pretrained": "moefy.moe",
     "split_quality": "moefy.moe.quality",
+    # routers
+    "train_routers": "moefy.routing",
+    "RouterConfig": "moefy.routing",
+    "RouterReport": "moefy.routing",
+    "set_routing": "moefy.routing",
+    "attach_routers": "moefy.routing",
+    "route_quality": "moefy.routing",
     # errors
     "MoefyError": "moefy.errors",
 }

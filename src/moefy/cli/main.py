@@ -17,6 +17,7 @@ COMMANDS = {
     "profile": "moefy.cli.profile_cmd",
     "convert": "moefy.cli.convert_cmd",
     "splits": "moefy.cli.splits_cmd",
+    "train-routers": "moefy.cli.routers_cmd",
 }
 
 EXIT_USAGE = 2

@@ -13,6 +13,7 @@ subclass that overrides :meth:`ExpertSelector.scores` (and :meth:`ExpertSelector
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -154,6 +155,10 @@ class OracleSelector(ExpertSelector):
         return moe.expert_norms(x)
 
 
+# Modules of moefy whose import registers more selectors (kept lazy: they import this one).
+_BUILTIN_SELECTOR_MODULES = ("moefy.routing",)
+
+
 def selector_from_dict(data: dict[str, Any], *, num_experts: int, d_model: int) -> ExpertSelector:
     """Rebuild a registered selector from its :meth:`ExpertSelector.to_dict` output.
 
@@ -161,6 +166,9 @@ def selector_from_dict(data: dict[str, Any], *, num_experts: int, d_model: int) 
         MoefyError: unknown selector type.
     """
     kind = data.get("type") if isinstance(data, dict) else None
+    if isinstance(kind, str) and kind not in SELECTORS:
+        for module in _BUILTIN_SELECTOR_MODULES:  # registers the learned routers
+            importlib.import_module(module)
     cls = SELECTORS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise MoefyError(

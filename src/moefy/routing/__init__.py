@@ -1,0 +1,42 @@
+"""Routers and dynamic k: choose experts per token without the oracle.
+
+The verb is :func:`train_routers` with a :class:`RouterConfig`; :func:`set_routing` picks the
+selection rule (top-k, dynamic k, relative to max) with one budget or one per layer.
+"""
+
+from moefy.routing.config import RouterConfig
+from moefy.routing.quality import route_quality
+from moefy.routing.report import LayerRouterReport, RouterReport
+from moefy.routing.routers import (
+    ROUTERS,
+    SELECTION_RULES,
+    CentroidRouter,
+    LinearRouter,
+    MLPRouter,
+    Router,
+    attach_routers,
+    dynamic_k_mask,
+    register_router,
+    relative_to_max_mask,
+    set_routing,
+)
+from moefy.routing.train import train_routers
+
+__all__ = [
+    "ROUTERS",
+    "SELECTION_RULES",
+    "CentroidRouter",
+    "LayerRouterReport",
+    "LinearRouter",
+    "MLPRouter",
+    "Router",
+    "RouterConfig",
+    "RouterReport",
+    "attach_routers",
+    "dynamic_k_mask",
+    "register_router",
+    "relative_to_max_mask",
+    "route_quality",
+    "set_routing",
+    "train_routers",
+]

@@ -1,0 +1,115 @@
+"""Selection rules, per-layer budgets and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moefy.errors import MoefyError
+from moefy.moe import MoEfyConfig, moe_layers, moefy_, reset_tally
+from moefy.moe.selectors import selector_from_dict
+from moefy.routing import (
+    MLPRouter,
+    attach_routers,
+    dynamic_k_mask,
+    relative_to_max_mask,
+    set_routing,
+)
+from tiny_models import tiny_inputs, tiny_model
+
+
+@pytest.fixture
+def routed():
+    model = tiny_model("llama")
+    moefy_(model, MoEfyConfig(num_experts=8, method="random"))
+    attach_routers(model, "mlp", hidden=16)
+    return model
+
+
+def test_dynamic_k_keeps_more_experts_for_spread_norms():
+    peaked = [20.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]  # the first holds 0.85 of the total
+    spread = [1.0] * 8
+    mask = dynamic_k_mask(torch.tensor([peaked, spread]), 0.8)
+    assert mask.sum(-1).tolist() == [1, 7]  # 0.8 of 8 equal shares needs 7 (6 reach 0.75)
+    assert mask[0, 0] and not mask[0, 1:].any()
+
+
+def test_dynamic_k_is_smallest_set_reaching_tau():
+    scores = torch.tensor([[1.0, 4.0, 3.0, 2.0]])  # total 10
+    assert dynamic_k_mask(scores, 0.4).tolist() == [[False, True, False, False]]
+    assert dynamic_k_mask(scores, 0.41).tolist() == [[False, True, True, False]]
+    assert dynamic_k_mask(scores, 1.0).all()
+    assert dynamic_k_mask(torch.zeros(1, 4), 0.5).sum() == 1  # always at least one expert
+
+
+def test_relative_to_max():
+    scores = torch.tensor([[4.0, 3.0, 1.0, 2.0]])
+    assert relative_to_max_mask(scores, 0.5).tolist() == [[True, True, False, True]]
+    assert relative_to_max_mask(scores, 0.1).tolist() == [[True, False, False, False]]
+    assert relative_to_max_mask(scores, 1.0).all()
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1, 1.01, 2, float("nan"), "0.5", True])
+def test_tau_outside_unit_interval_is_refused(routed, tau):
+    router = moe_layers(routed)[0].selector
+    with pytest.raises(MoefyError, match="tau"):
+        router.set_rule("dynamic", tau)
+    with pytest.raises(MoefyError, match="tau"):
+        set_routing(routed, "relative", tau=tau)
+    with pytest.raises(MoefyError, match="tau"):
+        MLPRouter(8, 32, rule="dynamic", tau=tau)
+
+
+def test_unknown_rule_and_tau_on_topk(routed):
+    with pytest.raises(MoefyError, match="unknown selection rule"):
+        set_routing(routed, "sometimes", tau=0.5)
+    with pytest.raises(MoefyError, match="tau applies"):
+        set_routing(routed, "topk", tau=0.5)
+
+
+def test_per_layer_topk_budget_is_honoured(routed):
+    set_routing(routed, "topk", k=[2, 5])
+    reset_tally(routed)
+    with torch.no_grad():
+        routed(**tiny_inputs("llama"))
+    assert [m.active_fraction for m in moe_layers(routed)] == [2 / 8, 5 / 8]
+
+
+def test_per_layer_tau_budget_is_honoured(routed):
+    set_routing(routed, "dynamic", tau=[0.3, 1.0])
+    reset_tally(routed)
+    with torch.no_grad():
+        routed(**tiny_inputs("llama"))
+    low, full = moe_layers(routed)
+    assert (low.selector.rule, low.selector.tau, full.selector.tau) == ("dynamic", 0.3, 1.0)
+    assert full.active_fraction == 1.0  # tau 1 keeps every expert with a positive score
+    assert low.active_fraction < 1.0
+
+
+def test_mismatched_budget_length_changes_nothing(routed):
+    set_routing(routed, "topk", k=3)
+    with pytest.raises(MoefyError, match="budget has 3 values but the model has 2"):
+        set_routing(routed, "dynamic", tau=[0.9, 0.8, 0.7])
+    with pytest.raises(MoefyError, match="budget has 1 values"):
+        set_routing(routed, "topk", fraction=[0.5])
+    # a bad value in the second layer rolls back the first
+    with pytest.raises(MoefyError, match="tau"):
+        set_routing(routed, "dynamic", tau=[0.5, 1.5])
+    assert [(m.selector.rule, m.selector.k) for m in moe_layers(routed)] == [("topk", 3)] * 2
+
+
+def test_rule_needs_a_router():
+    model = tiny_model("llama")
+    moefy_(model, MoEfyConfig(num_experts=8, method="random"))
+    with pytest.raises(MoefyError, match="needs a router"):
+        set_routing(model, "dynamic", tau=0.9)
+    assert set_routing(model, "topk", fraction=0.5) == 2
+
+
+def test_settings_round_trip_through_to_dict(routed):
+    set_routing(routed, "relative", tau=[0.25, 0.5])
+    for moe in moe_layers(routed):
+        data = moe.selector.to_dict()
+        rebuilt = selector_from_dict(data, num_experts=8, d_model=32)
+        assert rebuilt.to_dict() == data
+        assert type(rebuilt) is MLPRouter and rebuilt.hidden == 16
