@@ -53,6 +53,17 @@ _EXPORTS = {
     "set_routing": "moefy.routing",
     "attach_routers": "moefy.routing",
     "route_quality": "moefy.routing",
+    # training-free sparsity
+    "sparsify_": "moefy.sparsify",
+    "unsparsify": "moefy.sparsify",
+    "TopKConfig": "moefy.sparsify",
+    "TEALConfig": "moefy.sparsify",
+    "CATSConfig": "moefy.sparsify",
+    "CHESSConfig": "moefy.sparsify",
+    "WINAConfig": "moefy.sparsify",
+    "SparsifyReport": "moefy.sparsify",
+    "save_sparse": "moefy.sparsify",
+    "load_sparse": "moefy.sparsify",
     # errors
     "MoefyError": "moefy.errors",
 }

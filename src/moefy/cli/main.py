@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "moefy.cli.convert_cmd",
     "splits": "moefy.cli.splits_cmd",
     "train-routers": "moefy.cli.routers_cmd",
+    "sparsify": "moefy.cli.sparsify_cmd",
 }
 
 EXIT_USAGE = 2

@@ -153,6 +153,7 @@ def _model_class(config: Any) -> Any:
 # Folders written by moefy's own verbs: marker file -> (module, function) that rebuilds the model.
 MOEFY_FORMATS = {
     "moefy_config.json": ("moefy.moe.serialize", "from_pretrained"),
+    "moefy_sparsify.json": ("moefy.sparsify.saving", "load_sparse"),
 }
 
 

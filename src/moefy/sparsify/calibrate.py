@@ -1,0 +1,354 @@
+"""Calibration: stream text through the model, accumulate fixed-size statistics, pick thresholds.
+
+Everything here runs unchanged under ``torchrun``: each rank reads ``data.shard(rank, world)``,
+statistics are sums (histogram counts, per-channel sums) that are all-reduced, and decisions are
+taken on the reduced sums, so every rank reaches what one process would.
+
+Memory is bounded by the model, not by the text: per wrapper a histogram of ``NUM_BINS`` float64
+counts and at most one (C,) vector. Only the greedy allocation keeps activations, and only the
+inputs of each block on the first ``greedy_tokens`` tokens.
+
+Shape legend:
+    B: batch of blocks, T: block length, D: model width, C: channels of a sparsified tensor,
+    H: histogram bins, S: greedy steps, W: wrappers of one block
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moefy.data.blocks import TokenBlocks
+from moefy.dist import all_reduce_sum_, rank_and_world
+from moefy.sparsify.histogram import add_to_histogram_, empty_histogram, histogram_quantile
+from moefy.sparsify.wrappers import SparseModule
+
+
+class _StopForwardError(Exception):
+    """Raised by a hook to end a forward pass once the last module of interest has run."""
+
+
+@contextlib.contextmanager
+def stop_after(module: nn.Module | None) -> Iterator[None]:
+    """Inside the block, a forward pass ends (silently) right after ``module`` has run.
+
+    Calibration needs nothing past the last sparsified block, so the LM head (a fifth of
+    SmolLM2's compute) is skipped.
+    """
+    if module is None:
+        yield
+        return
+
+    def _raise(_module: nn.Module, _args: object, _out: object) -> None:
+        raise _StopForwardError
+
+    handle = module.register_forward_hook(_raise)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_model(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """One forward pass on (B, T) token ids (decoder ids = input ids for encoder-decoders)."""
+    config = getattr(model, "config", None)
+    kwargs: dict[str, object] = {"input_ids": input_ids}
+    if getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = input_ids
+    if getattr(config, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    with contextlib.suppress(_StopForwardError):  # raised by stop_after once it has what it needs
+        model(**kwargs)
+
+
+def stream(
+    model: nn.Module,
+    data: TokenBlocks,
+    batch_size: int,
+    *,
+    last_module: nn.Module | None,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Run this rank's shard of ``data`` through ``model`` (statistics come from hooks)."""
+    from tqdm.auto import tqdm
+
+    rank, world = rank_and_world()
+    shard = data.shard(rank, world)
+    device = device_of(model)
+    batches = tqdm(
+        shard.batches(batch_size) if shard.num_blocks else iter(()),
+        total=math.ceil(shard.num_blocks / batch_size),
+        desc=desc,
+        unit="batch",
+        disable=not progress or rank != 0,
+        leave=False,
+    )
+    with torch.no_grad(), stop_after(last_module):
+        for input_ids in batches:
+            run_model(model, input_ids.to(device))  # (B, T)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def observing(
+    wrappers: Sequence[SparseModule], callbacks: Sequence[Callable[[torch.Tensor], None]]
+) -> Iterator[None]:
+    """Hook ``callbacks[i]`` to the tensor ``wrappers[i]`` sparsifies; removed on exit."""
+    handles = [
+        wrapper.observe(callback) for wrapper, callback in zip(wrappers, callbacks, strict=True)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _score(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The criterion of each entry: |v| (C,)-scaled when the method weighs channels."""
+    magnitude = values.detach().abs().float()  # (..., C)
+    return magnitude if scale is None else magnitude * scale
+
+
+def collect_histograms(
+    model: nn.Module,
+    wrappers: Sequence[SparseModule],
+    scales: Sequence[torch.Tensor | None],
+    data: TokenBlocks,
+    batch_size: int,
+    *,
+    last_module: nn.Module | None,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """(H,) histogram of each wrapper's criterion on ``data``, summed over ranks.
+
+    The wrappers should hold zero thresholds (a dense model): calibration reads the dense
+    model's activations, as TEAL does.
+    """
+    device = device_of(model)
+    histograms = [empty_histogram(device) for _ in wrappers]
+    scales = [None if s is None else s.to(device) for s in scales]
+
+    def _callback(i: int) -> Callable[[torch.Tensor], None]:
+        return lambda values: add_to_histogram_(histograms[i], _score(values, scales[i]))
+
+    callbacks = [_callback(i) for i in range(len(wrappers))]
+    with observing(wrappers, callbacks):
+        stream(
+            model, data, batch_size, last_module=last_module, desc="calibrating", progress=progress
+        )
+    stacked = all_reduce_sum_(torch.stack(histograms))  # (W, H)
+    return list(stacked.unbind(0))
+
+
+def thresholds_for(
+    histogram: torch.Tensor, scale: torch.Tensor | None, share: float
+) -> tuple[float, torch.Tensor]:
+    """Criterion threshold ``t`` zeroing ``share`` of the scores, and the stored threshold.
+
+    The stored threshold is ``t`` itself, or ``t / scale`` per channel (a zero-scale channel
+    never contributes and is always dropped).
+    """
+    criterion = histogram_quantile(histogram, share)
+    if scale is None:
+        return criterion, torch.tensor(criterion, dtype=torch.float32)
+    if criterion == 0.0:
+        return criterion, torch.zeros_like(scale, dtype=torch.float32)
+    per_channel = torch.where(
+        scale > 0, criterion / scale.clamp_min(torch.finfo(torch.float32).tiny), torch.inf
+    )
+    return criterion, per_channel.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# TEAL's greedy allocation inside each block
+
+
+@dataclass
+class BlockPlan:
+    """The wrappers of one transformer block and the module whose output the search measures.
+
+    Attributes:
+        layer: block (FFN site) index.
+        unit: the smallest module holding all the block's wrappers (the FFN, or the block).
+        wrappers: the block's threshold wrappers.
+        indices: their positions in the model-wide wrapper list.
+    """
+
+    layer: int
+    unit: nn.Module
+    wrappers: list[SparseModule]
+    indices: list[int]
+    captured: list[tuple[tuple, dict]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _capturing(plans: Sequence[BlockPlan]) -> Iterator[None]:
+    def _hook(plan: BlockPlan) -> Callable:
+        def _capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            plan.captured.append((args, kwargs))
+
+        return _capture
+
+    handles = [p.unit.register_forward_pre_hook(_hook(p), with_kwargs=True) for p in plans]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor) and hasattr(output, "to_tuple"):
+        return _first_tensor(output.to_tuple())
+    return output  # type: ignore[return-value]
+
+
+def _replay(plan: BlockPlan) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [_first_tensor(plan.unit(*args, **kwargs)) for args, kwargs in plan.captured]
+
+
+def _squared_error(plan: BlockPlan, dense: Sequence[torch.Tensor]) -> float:
+    outputs = _replay(plan)
+    return float(
+        sum(((o.double() - d.double()) ** 2).sum() for o, d in zip(outputs, dense, strict=True))
+    )
+
+
+def effective_sparsity(shares: torch.Tensor, weights: torch.Tensor) -> float:
+    """Weight-weighted mean of per-wrapper shares: the share of the block's weights skipped."""
+    return float((shares * weights).sum() / weights.sum())
+
+
+def greedy_trajectories(
+    model: nn.Module,
+    plans: Sequence[BlockPlan],
+    histograms: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor | None],
+    sample: TokenBlocks,
+    batch_size: int,
+    *,
+    target: float,
+    step: float,
+    progress: bool,
+) -> dict[int, torch.Tensor]:
+    """TEAL's block-wise greedy search, recorded step by step.
+
+    For each block, all its wrappers start dense. Each step tries adding ``step`` to the
+    sparsity of every wrapper in turn, measures the block's output error against the dense block
+    on the sample, and keeps the trial with the least added error per skipped weight. It stops
+    when the block skips ``target`` of its weights (the last step is cut to land on it).
+
+    Args:
+        model: the model with threshold wrappers (zero thresholds on entry and on exit).
+        plans: one per block.
+        histograms, scales: per model-wide wrapper index, as from :func:`collect_histograms`.
+        sample: the calibration blocks the error is measured on (sharded over ranks here).
+        batch_size: blocks per forward pass.
+        target: share of each block's weights to skip.
+        step: sparsity added to one wrapper per step.
+        progress: show a progress bar.
+
+    Returns:
+        ``{layer: (S + 1, W) shares}``: row 0 is dense, the last row reaches ``target``.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world = rank_and_world()
+    with _capturing(plans):
+        stream(
+            model,
+            sample,
+            batch_size,
+            last_module=plans[-1].unit,
+            desc="greedy sample",
+            progress=False,
+        )
+    trajectories: dict[int, torch.Tensor] = {}
+    try:
+        for plan in tqdm(
+            plans, desc="greedy allocation", unit="block", disable=not progress or rank != 0
+        ):
+            trajectories[plan.layer] = _greedy_block(plan, histograms, scales, target, step)
+    finally:
+        for plan in plans:
+            plan.captured.clear()
+            for wrapper in plan.wrappers:
+                wrapper.threshold.zero_()
+    return trajectories
+
+
+def _greedy_block(
+    plan: BlockPlan,
+    histograms: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor | None],
+    target: float,
+    step: float,
+) -> torch.Tensor:
+    weights = torch.tensor([w.scope_weights for w in plan.wrappers], dtype=torch.float64)  # (W,)
+
+    def _set(j: int, share: float) -> None:
+        i = plan.indices[j]
+        plan.wrappers[j].threshold.copy_(thresholds_for(histograms[i], scales[i], share)[1])
+
+    for j in range(len(plan.wrappers)):
+        _set(j, 0.0)
+    dense = _replay(plan)
+    shares = torch.zeros(len(plan.wrappers), dtype=torch.float64)  # (W,)
+    rows = [shares.clone()]
+    current_error = 0.0
+    while effective_sparsity(shares, weights) < target - 1e-12:
+        increments = (1.0 - shares).clamp(max=step)  # (W,)
+        errors = torch.full((len(plan.wrappers),), math.inf, dtype=torch.float64)
+        for j in range(len(plan.wrappers)):
+            if increments[j] <= 0:
+                continue
+            _set(j, float(shares[j] + increments[j]))
+            errors[j] = _squared_error(plan, dense)
+            _set(j, float(shares[j]))
+        finite = torch.isfinite(errors)
+        errors = all_reduce_sum_(torch.where(finite, errors, 0.0)).masked_fill(~finite, math.inf)
+        cost = (errors - current_error) / (increments * weights)  # error added per skipped weight
+        best = int(torch.argmin(cost))
+        gap = (target - effective_sparsity(shares, weights)) * float(weights.sum() / weights[best])
+        shares[best] += min(float(increments[best]), gap)
+        _set(best, float(shares[best]))
+        current_error = float(errors[best])
+        rows.append(shares.clone())
+    return torch.stack(rows)  # (S + 1, W)
+
+
+def shares_at(trajectory: torch.Tensor, weights: torch.Tensor, target: float) -> torch.Tensor:
+    """Per-wrapper shares where a recorded trajectory reaches ``target`` (interpolating the step).
+
+    Args:
+        trajectory: (S + 1, W) rows from :func:`greedy_trajectories`.
+        weights: (W,) scope weights of the wrappers.
+        target: at most the trajectory's last effective sparsity.
+    """
+    weights = weights.to(torch.float64)
+    effective = (trajectory * weights).sum(dim=1) / weights.sum()  # (S + 1,)
+    reached = torch.nonzero(effective >= target - 1e-12)
+    if len(reached) == 0:
+        raise ValueError("target beyond the recorded trajectory")
+    row = int(reached[0])
+    if row == 0:
+        return trajectory[0].clone()
+    before, after = trajectory[row - 1], trajectory[row]
+    span = float(effective[row] - effective[row - 1])
+    fraction = (target - float(effective[row - 1])) / span if span > 0 else 1.0
+    return before + (after - before) * fraction

@@ -1,0 +1,260 @@
+"""Sparse wrappers: modules that take the place of a linear layer or an activation and zero entries.
+
+Each wrapper keeps the module it replaced as ``base_layer`` (so :func:`unsparsify` puts back the
+very same object), holds its calibrated thresholds as buffers (saved with the model) and counts,
+in non-persistent integer buffers, how many entries it zeroed on the text it ran on. The forward
+pass multiplies by a mask; the numbers equal those of a kernel that skips the weight columns (or
+rows) of the zeroed entries, because a zero entry contributes exactly nothing to the product.
+
+Shape legend:
+    N: tokens (any leading dims), I: input features of a linear layer, O: its output features,
+    F: FFN width (neurons)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from moefy.arch.spec import set_submodule
+
+SPARSIFY_CONFIG_ATTR = "moefy_sparsify_config"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight (I, O))."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return weight.shape[0], weight.shape[1]
+    return weight.shape[1], weight.shape[0]  # Conv1D
+
+
+def input_column_norms(module: nn.Module) -> torch.Tensor:
+    """(I,) float32 L2 norm of each input column ``||W[:, i]||`` of a Linear or Conv1D layer."""
+    weight = module.weight.detach().float()
+    if isinstance(module, nn.Linear):
+        return weight.norm(dim=0)  # weight (O, I)
+    return weight.norm(dim=1)  # Conv1D weight (I, O)
+
+
+class SparseModule(nn.Module):
+    """Base of the wrappers: the replaced module, the counters and the accounting facts.
+
+    Attributes:
+        base_layer: the module this wrapper replaced.
+        layer: index of the transformer block (FFN site) it belongs to.
+        role: what it sparsifies, e.g. ``"gate_proj"``, ``"down_proj"``, ``"act_fn"``,
+            ``"self_attn.q_proj"``.
+        scope_weights: weight entries per token of the dense computation this wrapper accounts
+            for (its own layer's, or the whole FFN's for neuron-level wrappers).
+        weights_per_zero: weight entries a kernel skips for each zeroed entry.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        layer: int,
+        role: str,
+        scope_weights: int,
+        weights_per_zero: int,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer = layer
+        self.role = role
+        self.scope_weights = scope_weights
+        self.weights_per_zero = weights_per_zero
+        # Counters of the text seen since the last reset; not part of the model's state. Integers,
+        # so they stay exact and model.to(dtype) leaves them alone.
+        for name in ("zeros_seen", "entries_seen", "tokens_seen"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def reset_counters(self) -> None:
+        """Forget what was counted."""
+        self.zeros_seen.zero_()
+        self.entries_seen.zero_()
+        self.tokens_seen.zero_()
+
+    def _count(self, sparse: torch.Tensor) -> None:
+        """Count the zero entries of the sparsified tensor (..., C): those a kernel skips."""
+        with torch.no_grad():
+            self.zeros_seen += (sparse == 0).sum()
+            self.entries_seen += sparse.numel()
+            self.tokens_seen += sparse.numel() // max(sparse.shape[-1], 1)
+
+    def observe(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Call ``callback`` with the tensor this wrapper sparsifies (before sparsifying) on every
+        forward pass; remove the hook with the returned handle."""
+        raise NotImplementedError
+
+
+class _InputSparseLinear(SparseModule):
+    """A linear (or Conv1D) layer whose input entries are zeroed first; skips columns of W."""
+
+    def __init__(self, base_layer: nn.Module, *, layer: int, role: str) -> None:
+        out_features, in_features = linear_shape(base_layer)
+        super().__init__(
+            base_layer,
+            layer=layer,
+            role=role,
+            scope_weights=out_features * in_features,
+            weights_per_zero=out_features,
+        )
+        self.in_features = in_features
+        self.out_features = out_features
+
+    # Model code sometimes reads the projection's weight (dtype checks in T5, shapes): delegate.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def observe(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        def _hook(_module: nn.Module, args: tuple) -> None:
+            callback(args[0])  # returns None: a pre-hook's return value would replace the input
+
+        return self.register_forward_pre_hook(_hook)
+
+    def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., I) -> (..., I) with the dropped entries set to zero."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.sparsify_input(x)  # (..., I)
+        self._count(x)
+        return self.base_layer(x)  # (..., O)
+
+
+class ThresholdLinear(_InputSparseLinear):
+    """Zero input entry ``x_i`` when ``|x_i| <= threshold_i``, then apply the linear layer.
+
+    Attributes:
+        threshold: buffer, () for one threshold per layer (TEAL) or (I,) for one per input
+            channel (WINA). Zero keeps the layer dense.
+
+    Example:
+        >>> layer = ThresholdLinear(nn.Linear(8, 4), layer=0, role="up_proj")
+        >>> layer.threshold.fill_(0.5)
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, *, layer: int, role: str, per_channel: bool = False
+    ) -> None:
+        super().__init__(base_layer, layer=layer, role=role)
+        shape = (self.in_features,) if per_channel else ()
+        self.register_buffer("threshold", torch.zeros(shape, dtype=torch.float32))
+
+    def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(x.abs() <= self.threshold, 0.0)
+
+
+class TopKLinear(_InputSparseLinear):
+    """Keep the ``k`` largest-magnitude input entries of every token, zero the rest.
+
+    Example:
+        >>> TopKLinear(nn.Linear(64, 8), layer=0, role="down_proj", k=16)
+    """
+
+    def __init__(self, base_layer: nn.Module, *, layer: int, role: str, k: int) -> None:
+        super().__init__(base_layer, layer=layer, role=role)
+        self.k = k
+
+    def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k >= x.shape[-1]:
+            return x
+        top = x.abs().topk(self.k, dim=-1).indices  # (..., k)
+        keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top, True)
+        return x.masked_fill(~keep, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class ThresholdActivation(SparseModule):
+    """Zero neuron ``i`` of an activation's output ``a`` when ``|a_i| <= threshold_i``.
+
+    Wraps the activation applied to the gate of a gated FFN: a zeroed neuron skips its row of the
+    up projection and its column of the down projection (the gate projection runs in full).
+
+    Attributes:
+        threshold: buffer, () for one threshold per layer (CATS) or (F,) for one per neuron (CHESS).
+
+    Example:
+        >>> ThresholdActivation(nn.SiLU(), layer=0, role="act_fn", d_model=576, d_ff=1536)
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        layer: int,
+        role: str,
+        d_model: int,
+        d_ff: int,
+        per_channel: bool = False,
+    ) -> None:
+        super().__init__(
+            base_layer,
+            layer=layer,
+            role=role,
+            scope_weights=3 * d_model * d_ff,  # gate, up and down of the FFN
+            weights_per_zero=2 * d_model,  # one up row, one down column
+        )
+        self.d_ff = d_ff
+        self.register_buffer(
+            "threshold", torch.zeros((d_ff,) if per_channel else (), dtype=torch.float32)
+        )
+
+    def observe(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        def _hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            callback(out)  # returns None: a hook's return value would replace the output
+
+        return self.base_layer.register_forward_hook(_hook)
+
+    def forward(self, gate: torch.Tensor) -> torch.Tensor:
+        activation = self.base_layer(gate)  # (..., F)
+        activation = activation.masked_fill(activation.abs() <= self.threshold, 0.0)
+        self._count(activation)
+        return activation
+
+
+def sparse_modules(model: nn.Module) -> Iterator[tuple[str, SparseModule]]:
+    """(dotted path, wrapper) of every sparse wrapper in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseModule):
+            yield name, module
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Put back the dense modules that :func:`moefy.sparsify.sparsify_` replaced, in place.
+
+    The original module objects return, so the model computes exactly what it did before.
+
+    Args:
+        model: a model changed by ``sparsify_`` or loaded by ``load_sparse``.
+
+    Returns:
+        The same model object, dense.
+
+    Example:
+        >>> sparsify_(model, TopKConfig(sparsity=0.5))
+        >>> unsparsify(model)
+    """
+    for name, wrapper in list(sparse_modules(model)):
+        set_submodule(model, name, wrapper.base_layer)
+    if hasattr(model, SPARSIFY_CONFIG_ATTR):
+        delattr(model, SPARSIFY_CONFIG_ATTR)
+    return model
+
+
+def reset_counters(model: nn.Module) -> None:
+    """Zero the skip counters of every wrapper in ``model``."""
+    for _, wrapper in sparse_modules(model):
+        wrapper.reset_counters()
