@@ -17,17 +17,31 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt Makefile | $(PY)
+$(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt requirements/lm-eval.txt Makefile | $(PY)
 	$(PIP) install $(TORCH_PIN)
-	$(PIP) install -r requirements/pinned.txt
+	$(PIP) install -r requirements/pinned.txt -r requirements/lm-eval.txt
 	$(PIP) install --no-deps -r requirements/data.txt
 	$(PIP) install --no-deps -e .
 	@touch $@
 
-# The demo profiles fewer tokens than `moefy profile`'s default (65536) to stay within minutes.
+# The demo uses fewer tokens and levels than the commands' defaults to stay under 10 minutes on
+# 2 cores: a 16,384-token profile, routers trained on 8,192 tokens, and a sweep scored on 2,048
+# evaluation tokens (1,024 compared with dense) with thresholds calibrated on 2,048 tokens.
+# Levels are the kept share of the FFN: experts at 50 / 25 %, thresholds at 25 / 40 / 50 / 65 %
+# target sparsity (and TEAL and WINA also at 75 %), dynamic k at tau 0.9 / 0.8. Raise them, e.g.
+# make demo DEMO_EVAL_TOKENS=8192 DEMO_LEVELS=0.5,0.25,0.125.
 DEMO_PROFILE_TOKENS ?= 16384
-DEMO_EVAL_TOKENS ?= 8192
 DEMO_ROUTER_TOKENS ?= 8192
+DEMO_EVAL_TOKENS ?= 2048
+DEMO_AGREEMENT_TOKENS ?= 1024
+DEMO_CALIBRATION_TOKENS ?= 2048
+DEMO_METHODS ?= dense,moe-oracle,moe-mlp,moe-dynk,teal,cats,chess,wina,topk
+DEMO_LEVELS ?= 0.5,0.25
+DEMO_SPARSIFY_LEVELS ?= 0.75,0.6,0.5,0.35
+DEMO_TASKS ?= perplexity,agreement
+DEMO_LEVEL_ARGS = --level moe-dynk=0.9,0.8 \
+	$(foreach m,cats chess topk,--level $(m)=$(DEMO_SPARSIFY_LEVELS)) \
+	$(foreach m,teal wina,--level $(m)=$(DEMO_SPARSIFY_LEVELS),0.25)
 MOEFY := $(VENV)/bin/moefy
 
 demo: $(STAMP)
@@ -35,14 +49,14 @@ demo: $(STAMP)
 		--coactivation --out $(RUNS)/profile
 	$(MOEFY) convert --model smollm2-135m --experts 64 --method coactivation \
 		--profile $(RUNS)/profile --out $(RUNS)/moe
-	$(MOEFY) splits --model smollm2-135m --data bbc-news --tokens $(DEMO_EVAL_TOKENS) \
-		--experts 64 --methods random,params,coactivation --fractions 0.5,0.25,0.125 \
-		--profile $(RUNS)/profile --results $(RUNS)/results.json
 	$(MOEFY) train-routers --model $(RUNS)/moe --data bbc-news --router mlp \
-		--tokens $(DEMO_ROUTER_TOKENS) --eval-tokens $(DEMO_EVAL_TOKENS) \
-		--fractions 0.5,0.25,0.125 --taus 0.9,0.8 --out $(RUNS)/moe-routed \
-		--results $(RUNS)/results.json
-	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/moe-routed (with mlp routers), $(RUNS)/results.json (table rows)"
+		--tokens $(DEMO_ROUTER_TOKENS) --eval-tokens 0 --out $(RUNS)/moe-routed
+	$(MOEFY) sweep --model smollm2-135m --data bbc-news --methods $(DEMO_METHODS) \
+		--levels $(DEMO_LEVELS) $(DEMO_LEVEL_ARGS) --tokens $(DEMO_EVAL_TOKENS) \
+		--agreement-tokens $(DEMO_AGREEMENT_TOKENS) --tasks $(DEMO_TASKS) \
+		--calibration-tokens $(DEMO_CALIBRATION_TOKENS) --moe $(RUNS)/moe \
+		--routed $(RUNS)/moe-routed --profile $(RUNS)/profile --out $(RUNS)/sweep
+	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/moe-routed (mlp routers, router_report.json), $(RUNS)/sweep/report.html (open in a browser)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -52,7 +66,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# Sparse kernels and sparse decoding against dense in one run (BENCH_ARGS=--quick for a short run).
+BENCH_ARGS ?=
 bench: $(STAMP)
+	$(MOEFY) bench $(BENCH_ARGS) --out $(RUNS)/bench.json
 	$(PY) benchmarks/profile_overhead.py
 
 clean:

@@ -1,30 +1,36 @@
 """Router quality on SmolLM2-135M: learned and similarity routers against the oracle.
 
-Moefies SmolLM2-135M into 64 experts per layer (``params`` split), trains ``mlp`` routers on
+Loads a moefied model (``--moe``, e.g. ``runs/moe`` from ``make demo``: 64 experts from the
+co-activation split) or moefies ``--model`` with the ``params`` split, trains ``mlp`` routers on
 bbc-news calibration text and compares evaluation perplexity of oracle, mlp and centroid
-selection at the same shares of experts, plus mlp dynamic k. Prints one table with ratios to
-the dense model measured in the same run, and the router FLOPs as a share of the expert FLOPs
-they save.
+selection at the same shares of experts (top-k) and the same shares of the norm (dynamic k, the
+oracle on true norms and the router on predicted ones). Prints one table with ratios to the
+dense model and to the oracle at the same budget, measured in the same run, the router FLOPs as
+a share of the expert FLOPs they save, the training time and the machine load.
 
 Run:
-    .venv/bin/python benchmarks/router_quality.py --calib-tokens 16384 --eval-tokens 8192
+    .venv/bin/python benchmarks/router_quality.py --moe runs/moe --calib-tokens 8192 \\
+        --eval-tokens 8192 --fractions 0.5,0.25,0.125 --taus 0.9,0.8 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--moe", default=None, help="a moefied folder (else moefy --model)")
     parser.add_argument("--data", default="bbc-news")
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--loss", default="listwise", help="router training loss")
     parser.add_argument("--fractions", default="0.5,0.25")
     parser.add_argument("--taus", default="0.9,0.8")
     parser.add_argument("--no-centroid", action="store_true", help="skip the centroid router")
@@ -38,31 +44,29 @@ def main() -> None:
     from moefy.data.text import load_text
     from moefy.eval.perplexity import perplexity
     from moefy.models.load import load_model
-    from moefy.moe import MoEfyConfig, moefy_, set_selection
+    from moefy.moe import MoEfyConfig, OracleSelector, moe_layers, moefy_, set_selection
     from moefy.routing import RouterConfig, attach_routers, route_quality, train_routers
     from moefy.routing.quality import FAMILY
 
     torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",") if f]
     taus = [float(t) for t in args.taus.split(",") if t]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.moe or args.model)
     text = load_text(args.data)
     calib = text.blocks(tokenizer, "calibration", n_tokens=args.calib_tokens)
     evaluation = text.blocks(tokenizer, "evaluation", n_tokens=args.eval_tokens)
+    if args.moe is None:
+        started = time.perf_counter()
+        moefy_(model, MoEfyConfig(num_experts=args.experts, method="params"))
+        print(f"moefy_: {time.perf_counter() - started:.0f} s", flush=True)
+    for moe in moe_layers(model):
+        moe.selector = OracleSelector(moe.num_experts)
+    set_selection(model)  # every expert: the dense model
     dense = perplexity(model, evaluation).perplexity
     print(f"dense perplexity {dense:.3f}", flush=True)
 
-    started = time.perf_counter()
-    moefy_(model, MoEfyConfig(num_experts=args.experts, method="params"))
-    print(f"moefy_: {time.perf_counter() - started:.0f} s", flush=True)
-
-    rows = []
-    for fraction in fractions:  # the oracle (default selector)
-        set_selection(model, fraction=fraction)
-        rows += route_quality(
-            model, evaluation, fractions=[fraction], taus=[], dense_perplexity=dense
-        )
-        print(rows[-1], flush=True)
+    rows = route_quality(model, evaluation, fractions=fractions, taus=taus, dense_perplexity=dense)
+    print(*rows, sep="\n", flush=True)
 
     if not args.no_centroid:
         attach_routers(model, "centroid")
@@ -71,28 +75,34 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
+    load_before = os.getloadavg()[0]
     report = train_routers(
         model,
         calib,
         RouterConfig(
-            router="mlp", hidden=args.hidden, epochs=args.epochs, tokens_per_layer=args.calib_tokens
+            router="mlp",
+            hidden=args.hidden,
+            loss=args.loss,
+            epochs=args.epochs,
+            tokens_per_layer=args.calib_tokens,
         ),
         progress=True,
     )
     print(
-        f"trained {len(report.layers)} mlp routers on {report.n_tokens} tokens in "
-        f"{report.seconds:.0f} s; mean held-out recall@25% {report.mean_recall:.3f}, "
-        f"norm share {report.mean_norm_share:.3f}, router/saved FLOPs "
+        f"trained {len(report.layers)} mlp routers ({args.loss}) on {report.n_tokens} tokens in "
+        f"{report.seconds:.0f} s with {args.threads} threads (load average {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after); mean held-out recall@25% "
+        f"{report.mean_recall:.3f}, norm share {report.mean_norm_share:.3f}, router/saved FLOPs "
         f"{100 * report.router_cost_share:.1f} %",
         flush=True,
     )
     print_table("per-layer router report (every 5th layer)", report.rows()[::5])
     rows += route_quality(model, evaluation, fractions=fractions, taus=taus, dense_perplexity=dense)
 
-    oracle = {r["level"]: r["perplexity"] for r in rows if r["method"].startswith("oracle")}
+    oracle = {(r["rule"], r["level"]): r["perplexity"] for r in rows if "oracle" in r["method"]}
     shown = []
     for r in rows:
-        vs_oracle = oracle.get(r["level"]) if r["rule"] == "topk" else None
+        vs_oracle = oracle.get((r["rule"], r["level"]))
         shown.append(
             {
                 "method": r["method"],
@@ -104,14 +114,15 @@ def main() -> None:
             }
         )
     print_table(
-        f"{args.model}, {args.experts} experts/layer, dense ppl {dense:.3f}, "
-        f"{evaluation.n_tokens} eval tokens",
+        f"{args.moe or args.model}, dense ppl {dense:.3f}, {evaluation.n_tokens} eval tokens, "
+        f"router/saved FLOPs {100 * report.router_cost_share:.1f} %",
         shown,
     )
     if args.results:
         from moefy.results import add_rows
 
-        add_rows(args.results, [{**r, "family": FAMILY, "model": args.model} for r in rows])
+        name = args.moe or args.model
+        add_rows(args.results, [{**r, "family": FAMILY, "model": name} for r in rows])
 
 
 if __name__ == "__main__":

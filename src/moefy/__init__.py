@@ -31,6 +31,13 @@ _EXPORTS = {
     # evaluation
     "perplexity": "moefy.eval.perplexity",
     "PerplexityResult": "moefy.eval.perplexity",
+    "evaluate": "moefy.eval",
+    "EvalConfig": "moefy.eval",
+    "EvalReport": "moefy.eval",
+    "dense_reference": "moefy.eval",
+    "sweep": "moefy.sweep",
+    "SweepConfig": "moefy.sweep",
+    "SweepResult": "moefy.sweep",
     # profiling
     "profile": "moefy.profiling",
     "ProfileConfig": "moefy.profiling",
@@ -62,8 +69,23 @@ _EXPORTS = {
     "CHESSConfig": "moefy.sparsify",
     "WINAConfig": "moefy.sparsify",
     "SparsifyReport": "moefy.sparsify",
+    "SparsityMeasurement": "moefy.sparsify",
+    "measure": "moefy.sparsify",
+    "measured_sparsity": "moefy.sparsify",
+    "reset_counters": "moefy.sparsify",
     "save_sparse": "moefy.sparsify",
     "load_sparse": "moefy.sparsify",
+    # layer redundancy
+    "layer_importance": "moefy.layers",
+    "LayerImportance": "moefy.layers",
+    "LayerImportanceConfig": "moefy.layers",
+    "DropConfig": "moefy.layers",
+    "drop_layers_": "moefy.layers",
+    "restore_layers": "moefy.layers",
+    "dropped_layers": "moefy.layers",
+    "apply_layer_method": "moefy.layers",
+    "save_dropped": "moefy.layers",
+    "load_dropped": "moefy.layers",
     # errors
     "MoefyError": "moefy.errors",
 }

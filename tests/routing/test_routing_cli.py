@@ -49,7 +49,10 @@ def test_train_routers_cli(tmp_path, capsys, monkeypatch):
     ]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "mlp routers on 256 tokens" in out and "routed model written to" in out
+    assert "mlp routers on 256 tokens" in out and "router_report.json written to" in out
+    report = json.loads((tmp_path / "routed" / "router_report.json").read_text())
+    assert report["n_tokens"] == 256 and len(report["layers"]) == 2
+    assert report["config"]["loss"] == "listwise" and report["config"]["hidden"] == 16
     model, _ = load_model(tmp_path / "routed")
     assert all(type(m.selector) is MLPRouter for m in moe_layers(model))
     rows = json.loads(results.read_text())

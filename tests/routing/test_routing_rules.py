@@ -7,7 +7,7 @@ import torch
 
 from moefy.errors import MoefyError
 from moefy.moe import MoEfyConfig, moe_layers, moefy_, reset_tally
-from moefy.moe.selectors import selector_from_dict
+from moefy.moe.selectors import ExpertSelector, OracleSelector, selector_from_dict
 from moefy.routing import (
     MLPRouter,
     attach_routers,
@@ -98,12 +98,60 @@ def test_mismatched_budget_length_changes_nothing(routed):
     assert [(m.selector.rule, m.selector.k) for m in moe_layers(routed)] == [("topk", 3)] * 2
 
 
-def test_rule_needs_a_router():
+class _FirstExperts(ExpertSelector):
+    """A selector without selection rules (top-k only)."""
+
+    selector_type = "first-experts-test"
+
+    def scores(self, x, moe):
+        return -torch.arange(self.num_experts, dtype=x.dtype).expand(x.shape[0], -1)
+
+
+def test_rule_needs_a_router_or_the_oracle():
     model = tiny_model("llama")
     moefy_(model, MoEfyConfig(num_experts=8, method="random"))
-    with pytest.raises(MoefyError, match="needs a router"):
+    for moe in moe_layers(model):
+        moe.selector = _FirstExperts(8)
+    with pytest.raises(MoefyError, match="needs a router or the oracle"):
         set_routing(model, "dynamic", tau=0.9)
     assert set_routing(model, "topk", fraction=0.5) == 2
+
+
+def test_oracle_dynamic_k_keeps_the_true_norm_share():
+    model = tiny_model("llama")
+    moefy_(model, MoEfyConfig(num_experts=8, method="random"))
+    inputs = tiny_inputs("llama")
+    layers = moe_layers(model)
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for m in layers]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    set_routing(model, "dynamic", tau=0.6)
+    moe, x = layers[0], seen[0].reshape(-1, layers[0].d_model)
+    assert isinstance(moe.selector, OracleSelector) and not moe.selector.scores_from_expert_hidden
+    mask = moe.selector(x, moe)
+    torch.testing.assert_close(mask, dynamic_k_mask(moe.expert_norms(x), 0.6), rtol=0, atol=0)
+    # a smaller share keeps fewer experts, but the top expert always
+    sizes = {tau: _routed_counts(model, inputs, tau) for tau in (0.3, 0.6, 0.9)}
+    assert 0 < sizes[0.3] < sizes[0.6] < sizes[0.9] < 8 * 2 * inputs["input_ids"].numel()
+    # its settings are saved; top-k oracles keep the format they had before dynamic k
+    set_routing(model, "dynamic", tau=0.6)
+    data = moe.selector.to_dict()
+    assert (data["rule"], data["tau"]) == ("dynamic", 0.6)
+    assert type(selector_from_dict(data, num_experts=8, d_model=32)) is OracleSelector
+    set_routing(model, "topk", fraction=0.5)
+    assert moe.selector.to_dict() == {"type": "oracle", "k": None, "fraction": 0.5}
+    assert moe.selector.scores_from_expert_hidden
+
+
+def _routed_counts(model, inputs, tau: float) -> int:
+    set_routing(model, "dynamic", tau=tau)
+    reset_tally(model)
+    with torch.no_grad():
+        model(**inputs)
+    return int(sum(int(m.selection_counts.sum()) for m in moe_layers(model)))
 
 
 def test_settings_round_trip_through_to_dict(routed):

@@ -136,12 +136,36 @@ def test_centroid_router_needs_no_training_and_saves(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "CentroidRouter"
 
 
-def test_train_keeps_topk_setting_and_linear_router_learns():
+@pytest.mark.parametrize("loss", ["listwise", "mse"])
+def test_train_keeps_topk_setting_and_linear_router_learns(loss):
     model = _moe_model()
     set_routing(model, "topk", k=3)
-    report = train_routers(model, _blocks(), RouterConfig(router="linear", **FAST))
+    report = train_routers(model, _blocks(), RouterConfig(router="linear", loss=loss, **FAST))
     assert [m.selector.k for m in moe_layers(model)] == [3, 3]
+    assert report.config["loss"] == loss
     assert all(layer.recall > layer.random_recall + 0.15 for layer in report.layers)
+
+
+def test_listwise_loss_is_smallest_at_the_true_shares():
+    from moefy.routing.train import ROUTER_LOSSES
+
+    log_norms = torch.tensor([[2.0, 0.0, -1.0, 1.0], [0.5, 0.5, 0.0, -3.0]])
+    listwise = ROUTER_LOSSES["listwise"]
+    best = listwise(log_norms, log_norms)
+    # a per-token shift changes no share, so no loss; any other change costs
+    torch.testing.assert_close(listwise(log_norms + torch.tensor([[5.0], [-2.0]]), log_norms), best)
+    swapped = log_norms[:, [1, 0, 2, 3]]
+    assert float(listwise(swapped, log_norms)) > float(best) + 0.1
+    assert float(ROUTER_LOSSES["mse"](log_norms + 1.0, log_norms)) == pytest.approx(1.0)
+
+
+def test_training_leaves_the_global_random_state_alone():
+    model = _moe_model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_routers(model, _blocks(8), RouterConfig(router="linear", **FAST))
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 
 
 def test_reservoir_is_bounded_and_uniform():
@@ -163,6 +187,8 @@ def test_router_config_round_trip_and_errors():
         RouterConfig(router="magic")
     with pytest.raises(MoefyError, match="epochs"):
         RouterConfig(epochs=0)
+    with pytest.raises(MoefyError, match="loss"):
+        RouterConfig(loss="hinge")
     with pytest.raises(MoefyError, match="unknown field"):
         RouterConfig.from_dict({"router": "mlp", "colour": 1})
     with pytest.raises(MoefyError, match="version"):

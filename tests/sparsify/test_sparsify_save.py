@@ -42,7 +42,8 @@ def test_save_then_load_keeps_thresholds_and_outputs(name, config, small_blocks,
     with torch.no_grad():
         expected = model(**inputs)[0]
     folder = save_sparse(model, tmp_path / "sparse")
-    assert {p.name for p in folder.iterdir()} == {
+    # generation_config.json comes with generative models' weights, as transformers saves them
+    assert {p.name for p in folder.iterdir()} - {"generation_config.json"} == {
         "config.json",
         "model.safetensors",
         "moefy_sparsify.json",

@@ -6,6 +6,7 @@ code. Everything else (profiler, MoEfication, thresholds) reads FFNs through :fu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from torch import nn
@@ -21,6 +22,7 @@ _LLAMA_LIKE = FFNSpec(
     gate="gate_proj",
     down="down_proj",
     act="act_fn",
+    attention="self_attn",
 )
 
 
@@ -43,19 +45,29 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    "gemma2": dataclasses.replace(_LLAMA_LIKE, attention_out="post_attention_layernorm"),
     "phi3": FFNSpec(
         stacks=(("model.layers", "mlp"),),
         up="gate_up_proj",
         down="down_proj",
         act="activation_fn",
         fused_gate_up=True,
+        attention="self_attn",
     ),
     "gpt2": FFNSpec(
-        stacks=(("transformer.h", "mlp"),), up="c_fc", down="c_proj", act="act", conv1d=True
+        stacks=(("transformer.h", "mlp"),),
+        up="c_fc",
+        down="c_proj",
+        act="act",
+        conv1d=True,
+        attention="attn",
     ),
     "gpt_neox": FFNSpec(
-        stacks=(("gpt_neox.layers", "mlp"),), up="dense_h_to_4h", down="dense_4h_to_h", act="act"
+        stacks=(("gpt_neox.layers", "mlp"),),
+        up="dense_h_to_4h",
+        down="dense_4h_to_h",
+        act="act",
+        attention="attention",
     ),
     "opt": FFNSpec(
         stacks=(("model.decoder.layers", ""),),
@@ -63,6 +75,7 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         down="fc2",
         act="activation_fn",
         inline=True,
+        attention="self_attn",
     ),
     "bert": FFNSpec(
         stacks=(("encoder.layer", ""),),
@@ -73,6 +86,9 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
     ),
     "t5": _t5_spec,
 }
+
+# Modules that stand in for a dropped layer (``moefy.layers``) carry this attribute set to True.
+DROPPED_MARK = "moefy_dropped"
 
 # Task heads wrap the base model under one of these attribute names (BertForMaskedLM.bert, ...).
 _BASE_PREFIXES = ("", "bert.", "transformer.", "model.", "roberta.")
@@ -150,6 +166,11 @@ def find_ffns(model: nn.Module, spec: FFNSpec | None = None) -> list[FFNSite]:
         full_blocks, blocks = resolved
         for i, block in enumerate(blocks):
             name = ".".join(p for p in (full_blocks, str(i), ffn_path) if p)
+            if _is_dropped(block, ffn_path, spec):
+                raise MoefyError(
+                    f"{name}: this MLP or its block was dropped by drop_layers_; profile, moefy or "
+                    "sparsify before dropping MLPs or blocks, or call restore_layers first"
+                )
             try:
                 module = get_submodule(block, ffn_path)
                 site = FFNSite(index=len(sites), name=name, block=block, module=module, spec=spec)
@@ -162,6 +183,17 @@ def find_ffns(model: nn.Module, spec: FFNSpec | None = None) -> list[FFNSite]:
     if not sites:
         raise MoefyError(f"{model_type_of(model)}: the model has no FFN layers")
     return sites
+
+
+def _is_dropped(block: nn.Module, ffn_path: str, spec: FFNSpec) -> bool:
+    """Whether ``block``, or the FFN slot inside it, stands in for a dropped layer."""
+    if getattr(block, DROPPED_MARK, False):
+        return True
+    slot = ".".join(p for p in (ffn_path, spec.up if spec.inline else "") if p)
+    try:
+        return bool(getattr(get_submodule(block, slot), DROPPED_MARK, False))
+    except AttributeError:
+        return False
 
 
 def replace_ffn(model: nn.Module, site: FFNSite, ffn: nn.Module) -> dict[str, nn.Module]:

@@ -42,6 +42,11 @@ class FFNSpec:
         inline: the FFN is not a module of its own; the block calls ``up``, ``act`` and ``down``
             in its forward (OPT, BERT). Swapping then replaces ``up`` with the whole FFN and
             ``act`` and ``down`` with ``nn.Identity``.
+        attention: path (inside one block) of the self-attention sublayer, ``None`` when not
+            registered; needed to measure and drop attention layers (:mod:`moefy.layers`).
+        attention_out: path (inside one block) of the module whose output is what attention adds
+            to the residual stream, when that is not the attention itself (Gemma 2's
+            post-attention norm); ``None`` means ``attention``.
 
     Example:
         >>> FFNSpec(stacks=(("model.layers", "mlp"),), up="up_proj", gate="gate_proj",
@@ -56,6 +61,8 @@ class FFNSpec:
     fused_gate_up: bool = False
     conv1d: bool = False
     inline: bool = False
+    attention: str | None = None
+    attention_out: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stacks:

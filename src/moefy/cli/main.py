@@ -19,6 +19,13 @@ COMMANDS = {
     "splits": "moefy.cli.splits_cmd",
     "train-routers": "moefy.cli.routers_cmd",
     "sparsify": "moefy.cli.sparsify_cmd",
+    "generate": "moefy.cli.generate_cmd",
+    "bench": "moefy.cli.bench_cmd",
+    "evaluate": "moefy.cli.evaluate_cmd",
+    "sweep": "moefy.cli.sweep_cmd",
+    "report": "moefy.cli.report_cmd",
+    "layers": "moefy.cli.layers_cmd",
+    "drop": "moefy.cli.drop_cmd",
 }
 
 EXIT_USAGE = 2

@@ -6,6 +6,9 @@ import argparse
 
 from moefy.cli.args import add_model_and_data, float_list, positive_int
 
+# The training report, written next to the routed model (not needed to load it).
+REPORT_FILE = "router_report.json"
+
 HELP = "train a router per MoE layer (mlp, linear or centroid), save the model, rate the routers"
 
 
@@ -16,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--router", choices=("mlp", "linear", "centroid"), default="mlp", help="router type"
     )
     parser.add_argument("--hidden", type=positive_int, default=128, help="mlp router width")
+    parser.add_argument(
+        "--loss",
+        choices=("listwise", "mse"),
+        default="listwise",
+        help="training loss: listwise (share of the token's norm) or mse (log norms)",
+    )
     parser.add_argument("--epochs", type=positive_int, default=8, help="passes over the data")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--out", default="runs/moe-routed", help="output folder of the model")
@@ -38,11 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated dynamic-k shares of the predicted norm to evaluate",
     )
     parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also evaluate oracle selection at the same budgets (rows oracle-top*, oracle-dyn*)",
+    )
+    parser.add_argument(
         "--results", default="runs/results.json", help="JSON results file to add the rows to"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from moefy.cli.show import console, print_table
@@ -58,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     config = RouterConfig(
         router=args.router,
         hidden=args.hidden,
+        loss=args.loss,
         epochs=args.epochs,
         tokens_per_layer=args.tokens,
         forward_batch_size=args.batch_size,
@@ -80,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             report.rows(),
         )
         out = save(model, Path(args.out), tokenizer=tokenizer)
-        console().print(f"routed model written to [bold]{out}[/bold]")
+        (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+        console().print(f"routed model and {REPORT_FILE} written to [bold]{out}[/bold]")
     if args.eval_tokens > 0:
         from moefy.eval.perplexity import perplexity
         from moefy.moe import set_selection
@@ -99,13 +116,33 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=main,
         )
-        for moe, old in zip(layers, previous, strict=True):
-            moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
         recall = report.mean_recall
         for row in rows:
-            row.update(
-                model=args.model, data=args.data, eval_tokens=evaluation.n_tokens, recall=recall
-            )
+            row["recall"] = recall
+        if args.oracle:
+            from moefy.moe import OracleSelector
+
+            routers = [moe.selector for moe in layers]
+            for moe in layers:
+                moe.selector = OracleSelector(moe.num_experts)
+            try:
+                rows += route_quality(
+                    model,
+                    evaluation,
+                    fractions=args.fractions,
+                    taus=args.taus,
+                    dense_perplexity=dense,
+                    batch_size=args.batch_size,
+                    progress=main,
+                )
+            finally:
+                for moe, router in zip(layers, routers, strict=True):
+                    moe.selector = router
+        for moe, old in zip(layers, previous, strict=True):
+            moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
+        oracle = {(r["rule"], r["level"]): r["perplexity"] for r in rows if "oracle" in r["method"]}
+        for row in rows:
+            row.update(model=args.model, data=args.data, eval_tokens=evaluation.n_tokens)
         if main:
             from moefy.results import add_rows
 
@@ -117,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
                     "FFN FLOPs %": 100 * r["ffn_flops_ratio"],
                     "perplexity": r["perplexity"],
                     "x dense": r["ppl_ratio"],
+                    "x oracle": r["perplexity"] / oracle[(r["rule"], r["level"])]
+                    if (r["rule"], r["level"]) in oracle
+                    else float("nan"),
                 }
                 for r in rows
             ]

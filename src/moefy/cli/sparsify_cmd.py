@@ -9,6 +9,7 @@ from moefy.cli.args import add_model_and_data, positive_int
 HELP = "sparsify activations without training (topk, teal, wina, cats, chess); measure and save"
 
 METHODS = ("topk", "teal", "wina", "cats", "chess")
+REPORT_FILE = "sparsify_report.json"
 
 
 def _sparsity(text: str) -> float:
@@ -78,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.eval.perplexity import perplexity
-    from moefy.io import write_json
     from moefy.models.load import is_causal_lm, load_model
     from moefy.sparsify import (
         config_from_dict,
@@ -144,12 +144,13 @@ def run(args: argparse.Namespace) -> int:
             f"perplexity: dense {dense.perplexity:.3f} -> sparse {sparse.perplexity:.3f} "
             f"(x{sparse.perplexity / dense.perplexity:.3f})"
         )
-    save_sparse(model, out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    write_json(
-        out / "sparsify_report.json",
-        {**summary, "report": report.to_dict(), "measured": measured.to_dict()},
+    save_sparse(
+        model,
+        out,
+        tokenizer=tokenizer,
+        extra_json={
+            REPORT_FILE: {**summary, "report": report.to_dict(), "measured": measured.to_dict()}
+        },
     )
     console().print(
         f"sparse model written to [bold]{out}[/bold] (load with moefy.sparsify.load_sparse)"

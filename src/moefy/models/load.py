@@ -154,6 +154,7 @@ def _model_class(config: Any) -> Any:
 MOEFY_FORMATS = {
     "moefy_config.json": ("moefy.moe.serialize", "from_pretrained"),
     "moefy_sparsify.json": ("moefy.sparsify.saving", "load_sparse"),
+    "moefy_layers.json": ("moefy.layers.saving", "load_dropped"),
 }
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from moefy import kernels
 from moefy.arch.spec import FFNWeights
 from moefy.errors import MoefyError
 from moefy.moe.flops import ffn_flops_per_token
@@ -325,6 +326,21 @@ class MoEFFN(nn.Module):
         else:
             mask = self.selector(tokens, self)  # (N, E)
         self._count(mask)
+        act = kernels.expert_ffn_activation(tokens, self.w_in, self.w_out, self.act)
+        if act is not None:  # decode-sized batch on the CPU: the C++ kernel reads only the
+            # selected experts' weights, once for all tokens (see moefy.kernels)
+            out = kernels.expert_ffn(
+                tokens,
+                mask,
+                self.w_in,
+                self.w_out,
+                self.b_in,
+                self.b_out,
+                act,
+                self.gated,
+                backend=kernels.Backend.CPU,
+            )
+            return out.reshape(shape)
         # Every expert for every token: the same sums as two dense products, so take those.
         dense = bool(mask.all())
         out = self._forward_all(tokens) if dense else self._forward_grouped(tokens, mask)

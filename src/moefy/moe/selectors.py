@@ -5,7 +5,9 @@ Shape legend:
 
 A selector is an ``nn.Module`` held by :class:`moefy.moe.MoEFFN` as its ``selector`` submodule,
 so whatever it learns (a router's weights, in the next issue) sits in the model's state dict and
-is saved with it. It scores experts per token and keeps the top k. Selectors are registered by
+is saved with it. It scores experts per token and keeps the top k; a :class:`RuleSelector`
+(the oracle, the learned routers of :mod:`moefy.routing`) can also keep a per-token number of
+experts (dynamic k, relative to max). Selectors are registered by
 type name in :data:`SELECTORS`, which is how a saved model rebuilds them: a learned router is one
 subclass that overrides :meth:`ExpertSelector.scores` (and :meth:`ExpertSelector.to_dict` /
 :meth:`ExpertSelector.from_dict` for its extra settings) plus :func:`register_selector`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -139,20 +142,183 @@ class ExpertSelector(nn.Module):
         return f"experts={self.num_experts}, selected={self.num_selected()}"
 
 
+TOPK, DYNAMIC, RELATIVE = "topk", "dynamic", "relative"
+
+
+def dynamic_k_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per token, the smallest set of experts whose scores reach a share ``tau`` of the total.
+
+    Args:
+        scores: (N, E) non-negative scores (negative ones count as 0).
+        tau: share in (0, 1].
+
+    Returns:
+        (N, E) bool mask; every token keeps at least its best expert.
+
+    Example:
+        >>> dynamic_k_mask(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 0.6)
+        tensor([[ True,  True, False, False]])
+    """
+    scores = scores.clamp_min(0)
+    ordered, order = scores.sort(dim=-1, descending=True)  # (N, E)
+    before = ordered.cumsum(dim=-1) - ordered  # (N, E): mass of the better experts
+    keep_sorted = before < tau * ordered.sum(dim=-1, keepdim=True)
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+
+
+def relative_to_max_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per token, the experts scoring at least ``(1 - tau)`` times the token's largest score.
+
+    Args:
+        scores: (N, E) non-negative scores (negative ones count as 0).
+        tau: in (0, 1]; 1 keeps every expert.
+
+    Returns:
+        (N, E) bool mask; every token keeps at least its best expert.
+
+    Example:
+        >>> relative_to_max_mask(torch.tensor([[4.0, 3.0, 1.0]]), 0.5)
+        tensor([[ True,  True, False]])
+    """
+    scores = scores.clamp_min(0)
+    best = scores.max(dim=-1, keepdim=True).values  # (N, 1)
+    return scores >= (1.0 - tau) * best
+
+
+def _topk_rule(selector: RuleSelector, scores: torch.Tensor) -> torch.Tensor:
+    return selector.topk_mask(scores)
+
+
+def _dynamic_rule(selector: RuleSelector, scores: torch.Tensor) -> torch.Tensor:
+    return dynamic_k_mask(scores, float(selector.tau))
+
+
+def _relative_rule(selector: RuleSelector, scores: torch.Tensor) -> torch.Tensor:
+    return relative_to_max_mask(scores, float(selector.tau))
+
+
+# rule name -> (selector, (N, E) scores) -> (N, E) mask
+SELECTION_RULES: dict[str, Callable[[RuleSelector, torch.Tensor], torch.Tensor]] = {
+    TOPK: _topk_rule,
+    DYNAMIC: _dynamic_rule,
+    RELATIVE: _relative_rule,
+}
+
+
+def check_tau(tau: Any) -> float:
+    """``tau`` as a float in (0, 1].
+
+    Raises:
+        MoefyError: otherwise.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
+        raise MoefyError(f"tau={tau!r} must be a number in (0, 1]")
+    return float(tau)
+
+
+class RuleSelector(ExpertSelector):
+    """A selector whose scores are masses (true or predicted expert norms), picked by a rule.
+
+    Besides top-k it selects by ``dynamic`` k (per token, the smallest set of experts whose
+    scores reach a share ``tau`` of the total; DSTI / D2DMoE) or ``relative`` to the best expert
+    (scores at least ``(1 - tau)`` times the token's largest); see :data:`SELECTION_RULES`.
+
+    Args:
+        num_experts: E.
+        k, fraction: top-k setting (see :class:`ExpertSelector`).
+        rule: a key of :data:`SELECTION_RULES` (``topk``, ``dynamic``, ``relative``).
+        tau: share for ``dynamic`` / ``relative``, in (0, 1].
+
+    Example:
+        >>> sel = OracleSelector(64, rule="dynamic", tau=0.9)
+        >>> sel.selects_all()
+        False
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        k: int | None = None,
+        fraction: float | None = None,
+        rule: str = TOPK,
+        tau: float | None = None,
+    ) -> None:
+        super().__init__(num_experts, k=k, fraction=fraction)
+        self.rule = TOPK
+        self.tau: float | None = None
+        self.set_rule(rule, tau)
+
+    def set_rule(self, rule: str, tau: float | None = None) -> None:
+        """Choose the selection rule; ``dynamic`` and ``relative`` need ``tau`` in (0, 1].
+
+        Raises:
+            MoefyError: unknown rule, tau missing or out of range.
+        """
+        if rule not in SELECTION_RULES:
+            raise MoefyError(f"unknown selection rule {rule!r} (known: {sorted(SELECTION_RULES)})")
+        if rule == TOPK:
+            if tau is not None:
+                raise MoefyError("tau applies to the dynamic and relative rules, not topk")
+        else:
+            tau = check_tau(tau)
+        self.rule, self.tau = rule, tau
+
+    def selects_all(self) -> bool:
+        return self.rule == TOPK and super().selects_all()
+
+    def forward(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+        """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
+        if self.selects_all():
+            return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
+        with torch.no_grad():
+            scores = self.scores(x, moe)  # (N, E)
+        return SELECTION_RULES[self.rule](self, scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "rule": self.rule, "tau": self.tau}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, num_experts: int, d_model: int) -> ExpertSelector:
+        return cls(
+            num_experts,
+            k=data.get("k"),
+            fraction=data.get("fraction"),
+            rule=data.get("rule", TOPK),
+            tau=data.get("tau"),
+        )
+
+    def extra_repr(self) -> str:
+        budget = f"selected={self.num_selected()}" if self.rule == TOPK else f"tau={self.tau}"
+        return f"experts={self.num_experts}, rule={self.rule}, {budget}"
+
+
 @register_selector
-class OracleSelector(ExpertSelector):
+class OracleSelector(RuleSelector):
     """Runs the experts with the largest true output norm ``||W_out_e h_e||`` per token.
 
     An analysis tool: finding the norms computes every expert, so it shows the best any router
-    could do with the same k, not a speed-up. Its own cost is not counted in FLOPs.
+    could do with the same k (or the same dynamic-k share tau), not a speed-up. Its own cost is
+    not counted in FLOPs.
     """
 
     selector_type = "oracle"
-    # Its scores need every expert's activations; MoEFFN then reuses them for the output.
-    scores_from_expert_hidden = True
+
+    @property
+    def scores_from_expert_hidden(self) -> bool:  # type: ignore[override]
+        # Top-k: MoEFFN reuses the scored activations for the output. The dynamic rules go
+        # through forward (the selected experts are computed a second time).
+        return self.rule == TOPK
 
     def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
         return moe.expert_norms(x)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.rule == TOPK:  # the format of oracle selectors saved before dynamic k
+            del data["rule"], data["tau"]
+        return data
 
 
 # Modules of moefy whose import registers more selectors (kept lazy: they import this one).

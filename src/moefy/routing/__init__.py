@@ -4,20 +4,18 @@ The verb is :func:`train_routers` with a :class:`RouterConfig`; :func:`set_routi
 selection rule (top-k, dynamic k, relative to max) with one budget or one per layer.
 """
 
+from moefy.moe.selectors import SELECTION_RULES, dynamic_k_mask, relative_to_max_mask
 from moefy.routing.config import RouterConfig
 from moefy.routing.quality import route_quality
 from moefy.routing.report import LayerRouterReport, RouterReport
 from moefy.routing.routers import (
     ROUTERS,
-    SELECTION_RULES,
     CentroidRouter,
     LinearRouter,
     MLPRouter,
     Router,
     attach_routers,
-    dynamic_k_mask,
     register_router,
-    relative_to_max_mask,
     set_routing,
 )
 from moefy.routing.train import train_routers

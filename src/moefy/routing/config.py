@@ -20,8 +20,11 @@ class RouterConfig:
         router: a key of :data:`moefy.routing.ROUTERS` (``mlp``, ``linear``, ``centroid``;
             ``centroid`` is built from the weights, not trained).
         hidden: hidden width H of the ``mlp`` router.
-        tokens_per_layer: size of the bounded reservoir of (input, true norms) pairs kept per
-            layer; calibration tokens beyond it are reservoir-sampled.
+        loss: a key of :data:`moefy.routing.train.ROUTER_LOSSES`: ``listwise`` (cross-entropy
+            of the predicted against the true share of each expert in the token's total norm;
+            only order and shares matter for selection) or ``mse`` (regression of log norms).
+        tokens_per_layer: size of the bounded sample of (input, true norms) pairs kept per
+            layer (over all ranks); calibration tokens beyond it are reservoir-sampled.
         epochs: passes over each layer's reservoir.
         batch_size: tokens per optimiser step.
         lr: Adam learning rate.
@@ -41,6 +44,7 @@ class RouterConfig:
 
     router: str = "mlp"
     hidden: int = 128
+    loss: str = "listwise"
     tokens_per_layer: int = 16384
     epochs: int = 8
     batch_size: int = 256
@@ -55,11 +59,16 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         from moefy.routing.routers import ROUTERS
+        from moefy.routing.train import ROUTER_LOSSES
 
         if self.router not in ROUTERS:
             raise MoefyError(
                 f"RouterConfig.router={self.router!r} is unknown (known: {sorted(ROUTERS)}); "
                 "add one with moefy.routing.register_router"
+            )
+        if self.loss not in ROUTER_LOSSES:
+            raise MoefyError(
+                f"RouterConfig.loss={self.loss!r} is unknown (known: {sorted(ROUTER_LOSSES)})"
             )
         for name in ("hidden", "tokens_per_layer", "epochs", "batch_size", "forward_batch_size"):
             value = getattr(self, name)

@@ -11,10 +11,12 @@ from typing import Any
 from torch import nn
 
 from moefy.data.blocks import TokenBlocks
+from moefy.dist import all_reduce_sum_
 from moefy.eval.perplexity import perplexity
 from moefy.moe.convert import moe_layers, reset_tally
 from moefy.moe.report import flops_report
-from moefy.routing.routers import DYNAMIC, TOPK, Router, set_routing
+from moefy.moe.selectors import DYNAMIC, TOPK, RuleSelector
+from moefy.routing.routers import set_routing
 
 FAMILY = "moe-router"
 DEFAULT_FRACTIONS = (0.5, 0.25, 0.125)
@@ -39,7 +41,7 @@ def route_quality(
         model: a moefied model whose layers hold one router type (see :func:`train_routers`).
         data: evaluation blocks.
         fractions: top-k shares of experts, rows ``<router>-top<percent>``.
-        taus: dynamic-k shares (routers only), rows ``<router>-dyn<percent>``.
+        taus: dynamic-k shares (routers and the oracle), rows ``<router>-dyn<percent>``.
         dense_perplexity: the dense model's perplexity, for ``ppl_ratio`` (else omitted).
         batch_size: blocks per forward pass.
         progress: show progress bars.
@@ -54,8 +56,8 @@ def route_quality(
     layers = moe_layers(model)
     saved = [moe.selector.to_dict() for moe in layers]
     name = layers[0].selector.selector_type if layers else "none"
-    is_router = all(isinstance(moe.selector, Router) for moe in layers)
-    budgets = [(TOPK, f) for f in fractions] + [(DYNAMIC, t) for t in (taus if is_router else ())]
+    has_rules = all(isinstance(moe.selector, RuleSelector) for moe in layers)
+    budgets = [(TOPK, f) for f in fractions] + [(DYNAMIC, t) for t in (taus if has_rules else ())]
     rows = []
     try:
         for rule, level in budgets:
@@ -65,6 +67,9 @@ def route_quality(
                 set_routing(model, rule, tau=level)
             reset_tally(model)
             ppl = perplexity(model, data, batch_size=batch_size, progress=progress).perplexity
+            for moe in layers:  # under torchrun each rank counted its shard's selections
+                all_reduce_sum_(moe.selection_counts)
+                all_reduce_sum_(moe.tokens_seen)
             report = flops_report(model)
             tag = "top" if rule == TOPK else "dyn"
             row = {
@@ -82,7 +87,7 @@ def route_quality(
     finally:
         for moe, old in zip(layers, saved, strict=True):
             moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
-            if isinstance(moe.selector, Router):
-                moe.selector.set_rule(old["rule"], old["tau"])
+            if isinstance(moe.selector, RuleSelector):
+                moe.selector.set_rule(old.get("rule", TOPK), old.get("tau"))
         reset_tally(model)
     return rows

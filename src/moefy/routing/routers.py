@@ -5,8 +5,10 @@ Shape legend:
 
 A router is an :class:`~moefy.moe.ExpertSelector` subclass held by :class:`~moefy.moe.MoEFFN` as
 its ``selector`` submodule, so its weights sit in the model's state dict and are saved with it.
-Its :meth:`Router.scores` are predicted expert output norms ``||W_out_e h_e||`` (non-negative),
-which the selection rules in :data:`SELECTION_RULES` turn into a mask:
+Its :meth:`Router.scores` are predicted expert output norms ``||W_out_e h_e||`` (non-negative;
+with the default ``listwise`` training loss, up to a per-token scale, which no rule depends on),
+which the selection rules in :data:`moefy.moe.selectors.SELECTION_RULES` (shared with the
+oracle) turn into a mask:
 
 - ``topk``: the ``k`` (or ``fraction`` of E) highest scores, as every selector;
 - ``dynamic``: per token, the smallest set of experts whose scores reach a share ``tau`` of the
@@ -19,97 +21,24 @@ sets them for a whole model, with one value for every layer or a per-layer budge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from moefy.errors import MoefyError
-from moefy.moe.selectors import ExpertSelector, register_selector
+from moefy.moe.selectors import TOPK, RuleSelector, register_selector
 
 if TYPE_CHECKING:
     from moefy.moe.module import MoEFFN
 
-TOPK, DYNAMIC, RELATIVE = "topk", "dynamic", "relative"
 # Floor of predicted norms before taking logs (norms are in the model's activation units).
 LOG_NORM_FLOOR = 1e-6
 
 
-def dynamic_k_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per token, the smallest set of experts whose scores reach a share ``tau`` of the total.
-
-    Args:
-        scores: (N, E) non-negative scores (negative ones count as 0).
-        tau: share in (0, 1].
-
-    Returns:
-        (N, E) bool mask; every token keeps at least its best expert.
-
-    Example:
-        >>> dynamic_k_mask(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 0.6)
-        tensor([[ True,  True, False, False]])
-    """
-    scores = scores.clamp_min(0)
-    ordered, order = scores.sort(dim=-1, descending=True)  # (N, E)
-    before = ordered.cumsum(dim=-1) - ordered  # (N, E): mass of the better experts
-    keep_sorted = before < tau * ordered.sum(dim=-1, keepdim=True)
-    keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
-
-
-def relative_to_max_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per token, the experts scoring at least ``(1 - tau)`` times the token's largest score.
-
-    Args:
-        scores: (N, E) non-negative scores (negative ones count as 0).
-        tau: in (0, 1]; 1 keeps every expert.
-
-    Returns:
-        (N, E) bool mask; every token keeps at least its best expert.
-
-    Example:
-        >>> relative_to_max_mask(torch.tensor([[4.0, 3.0, 1.0]]), 0.5)
-        tensor([[ True,  True, False]])
-    """
-    scores = scores.clamp_min(0)
-    best = scores.max(dim=-1, keepdim=True).values  # (N, 1)
-    return scores >= (1.0 - tau) * best
-
-
-def _topk_rule(selector: Router, scores: torch.Tensor) -> torch.Tensor:
-    return selector.topk_mask(scores)
-
-
-def _dynamic_rule(selector: Router, scores: torch.Tensor) -> torch.Tensor:
-    return dynamic_k_mask(scores, float(selector.tau))
-
-
-def _relative_rule(selector: Router, scores: torch.Tensor) -> torch.Tensor:
-    return relative_to_max_mask(scores, float(selector.tau))
-
-
-# rule name -> (selector, (N, E) scores) -> (N, E) mask
-SELECTION_RULES: dict[str, Callable[[Router, torch.Tensor], torch.Tensor]] = {
-    TOPK: _topk_rule,
-    DYNAMIC: _dynamic_rule,
-    RELATIVE: _relative_rule,
-}
-
-
-def check_tau(tau: Any) -> float:
-    """``tau`` as a float in (0, 1].
-
-    Raises:
-        MoefyError: otherwise.
-    """
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
-        raise MoefyError(f"tau={tau!r} must be a number in (0, 1]")
-    return float(tau)
-
-
-class Router(ExpertSelector):
-    """Base of the learned and similarity routers: scores experts, selects by a rule.
+class Router(RuleSelector):
+    """Base of the learned and similarity routers: scores experts from the input alone.
 
     Args:
         num_experts: E.
@@ -137,45 +66,17 @@ class Router(ExpertSelector):
         rule: str = TOPK,
         tau: float | None = None,
     ) -> None:
-        super().__init__(num_experts, k=k, fraction=fraction)
+        super().__init__(num_experts, k=k, fraction=fraction, rule=rule, tau=tau)
         self.d_model = int(d_model)
-        self.rule = TOPK
-        self.tau: float | None = None
-        self.set_rule(rule, tau)
-
-    def set_rule(self, rule: str, tau: float | None = None) -> None:
-        """Choose the selection rule; ``dynamic`` and ``relative`` need ``tau`` in (0, 1].
-
-        Raises:
-            MoefyError: unknown rule, tau missing or out of range.
-        """
-        if rule not in SELECTION_RULES:
-            raise MoefyError(f"unknown selection rule {rule!r} (known: {sorted(SELECTION_RULES)})")
-        if rule == TOPK:
-            if tau is not None:
-                raise MoefyError("tau applies to the dynamic and relative rules, not topk")
-        else:
-            tau = check_tau(tau)
-        self.rule, self.tau = rule, tau
-
-    def selects_all(self) -> bool:
-        return self.rule == TOPK and super().selects_all()
 
     def predict_log_norms(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, E) predicted ``log ||W_out_e h_e||`` (what training regresses)."""
+        """(N, D) -> (N, E) predicted ``log ||W_out_e h_e||`` (what training fits; the
+        ``listwise`` loss fixes it up to a per-token constant)."""
         raise NotImplementedError
 
     def scores(self, x: torch.Tensor, moe: MoEFFN | None = None) -> torch.Tensor:
         """(N, D) -> (N, E) predicted expert output norms (non-negative)."""
         return self.predict_log_norms(x).exp()
-
-    def forward(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
-        """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
-        if self.selects_all():
-            return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
-        with torch.no_grad():
-            scores = self.scores(x, moe)  # (N, E)
-        return SELECTION_RULES[self.rule](self, scores)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens in the router's dtype (a bf16 model may carry an fp32 router)."""
@@ -183,9 +84,6 @@ class Router(ExpertSelector):
         if weight is None:
             weight = next(iter(self.buffers()))
         return x.to(weight.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "rule": self.rule, "tau": self.tau}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, num_experts: int, d_model: int) -> Router:
@@ -213,10 +111,6 @@ class Router(ExpertSelector):
     def for_layer(cls, moe: MoEFFN, **settings: Any) -> Router:
         """A router for ``moe`` on its device, fitted where no training is needed."""
         return cls(moe.num_experts, moe.d_model, **settings).to(moe.w_in.device)
-
-    def extra_repr(self) -> str:
-        budget = f"selected={self.num_selected()}" if self.rule == TOPK else f"tau={self.tau}"
-        return f"experts={self.num_experts}, rule={self.rule}, {budget}"
 
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -275,7 +169,7 @@ class CentroidRouter(Router):
 
 @register_router
 class MLPRouter(Router):
-    """A small MLP, D -> H -> E with ReLU, regressing each expert's log output norm.
+    """A small MLP, D -> H -> E with ReLU, predicting each expert's log output norm.
 
     The D2DMoE / DSTI recipe; trained by :func:`moefy.routing.train_routers`.
 
@@ -318,7 +212,7 @@ class MLPRouter(Router):
 
 @register_router
 class LinearRouter(Router):
-    """The cheapest learned router: one linear map D -> E regressing log output norms."""
+    """The cheapest learned router: one linear map D -> E predicting log output norms."""
 
     selector_type = "linear"
 
@@ -382,8 +276,8 @@ def set_routing(
     """Set the selection rule of every MoE layer, with one budget or a budget per layer.
 
     Args:
-        model: a moefied model whose layers hold :class:`Router` selectors (``topk`` also works
-            with any selector).
+        model: a moefied model whose layers hold rule selectors (a :class:`Router` or the
+            oracle, see :class:`~moefy.moe.selectors.RuleSelector`; ``topk`` works with any).
         rule: ``topk``, ``dynamic`` or ``relative``.
         k, fraction: top-k budget, a value or one per layer.
         tau: dynamic / relative budget in (0, 1], a value or one per layer.
@@ -393,7 +287,7 @@ def set_routing(
 
     Raises:
         MoefyError: no MoE layers, a budget list of the wrong length, tau outside (0, 1], a
-            non-topk rule on a selector that is not a router (then no layer is changed).
+            non-topk rule on a selector without rules (then no layer is changed).
 
     Example:
         >>> set_routing(model, "dynamic", tau=[0.9] * 10 + [0.8] * 20)
@@ -412,19 +306,19 @@ def set_routing(
     try:
         for moe, k_i, fraction_i, tau_i in zip(layers, ks, fractions, taus, strict=True):
             selector = moe.selector
-            if isinstance(selector, Router):
+            if isinstance(selector, RuleSelector):
                 selector.set_rule(rule, tau_i)
             elif rule != TOPK:
                 raise MoefyError(
                     f"layer {moe.layer_index} has a {selector.selector_type!r} selector; the "
-                    f"{rule} rule needs a router (attach_routers or train_routers)"
+                    f"{rule} rule needs a router or the oracle (attach_routers or train_routers)"
                 )
             if rule == TOPK:
                 selector.set_topk(k=k_i, fraction=fraction_i)
     except MoefyError:
         for moe, old in zip(layers, previous, strict=True):
             moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
-            if isinstance(moe.selector, Router):
-                moe.selector.set_rule(old["rule"], old["tau"])
+            if isinstance(moe.selector, RuleSelector):
+                moe.selector.set_rule(old.get("rule", TOPK), old.get("tau"))
         raise
     return n

@@ -1,16 +1,22 @@
-"""Train one router per MoE layer to predict each expert's true output norm.
+"""Train one router per MoE layer to predict which experts carry each token's output norm.
 
 Shape legend:
     B: batch of blocks, T: block length, N: tokens, D: model width, E: experts, R: reservoir size
 
-Collection runs the model densely over the calibration blocks once. A pre-forward hook on each
-:class:`~moefy.moe.MoEFFN` (inside a context manager, so hooks go even on an exception) takes the
-layer's input x, computes the true norms ``||W_out_e h_e||`` and streams both into a bounded
-per-layer reservoir of ``tokens_per_layer`` tokens (reservoir sampling beyond that), so memory is
-``layers x R x (D + E)`` whatever the amount of text. Each router is then fitted by regression on
-log norms (MSE, Adam) over its reservoir, a held-out share of which gives the report. Under
-``torch.distributed`` each rank collects its shard of the blocks and gradients are averaged over
-ranks at every step; every rank ends with the same routers.
+Collection runs the decoder (no LM head) densely over the calibration blocks once. A
+pre-forward hook on each :class:`~moefy.moe.MoEFFN` (inside a context manager, so hooks go even
+on an exception) takes the layer's input x, computes the true norms ``||W_out_e h_e||`` and
+streams both into a bounded per-layer reservoir (reservoir sampling beyond
+``tokens_per_layer``), so memory is ``layers x R x (D + E)`` whatever the amount of text. Each
+router is then fitted with a loss of :data:`ROUTER_LOSSES` (default ``listwise``: the predicted
+share of each expert in the token's total norm against the true share), and the last
+``holdout_fraction`` of the text gives the report.
+
+Under ``torch.distributed`` each rank collects its shard of the blocks; the samples of layer i
+are gathered on rank ``i % world``, which trains that layer alone, and the routers are then
+broadcast. Layers train in parallel, and every rank ends with the routers (and report) that
+one process would give on the same blocks (exactly, when each block runs in its own forward
+pass and the text fits in ``tokens_per_layer``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,25 +41,67 @@ from moefy.routing.report import LayerRouterReport, RouterReport
 from moefy.routing.routers import LOG_NORM_FLOOR, ROUTERS, Router
 
 
+def _mse_log_norm_loss(predicted: torch.Tensor, log_norms: torch.Tensor) -> torch.Tensor:
+    """Regression of every expert's log norm (the D2DMoE / DSTI recipe)."""
+    return Fn.mse_loss(predicted, log_norms)
+
+
+def _listwise_loss(predicted: torch.Tensor, log_norms: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the predicted share distribution against each token's true shares.
+
+    Only the order and the shares of the norms decide top-k and dynamic-k selection, so this
+    ranking loss weighs each expert by its share of the token's total norm and ignores the
+    token's overall scale (ListNet with norms as relevance).
+    """
+    shares = log_norms.softmax(dim=-1)  # (N, E): norm / total norm per token
+    return -(shares * predicted.log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+# loss name -> ((N, E) predicted log norms, (N, E) true log norms) -> scalar loss
+ROUTER_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": _mse_log_norm_loss,
+    "listwise": _listwise_loss,
+}
+
+# Layer i's router is initialised and shuffled from seed * _SEED_STRIDE + i, so it does not
+# depend on which rank trains it or on the layers trained before it.
+_SEED_STRIDE = 1_000_003
+
+
 class _Reservoir:
-    """A fixed-size uniform sample of (router input, log true norms) pairs of one layer."""
+    """A fixed-size uniform sample of (router input, log true norms, position) of one layer.
+
+    ``positions`` are the tokens' places in the whole calibration text (block * T + t), so the
+    samples of all ranks can be put back in the order one process would have collected them.
+    """
 
     def __init__(self, size: int, d_model: int, num_experts: int, dtype: torch.dtype, device):
         self.inputs = torch.empty(size, d_model, dtype=dtype, device=device)  # (R, D)
         self.targets = torch.empty(size, num_experts, dtype=torch.float32, device=device)  # (R, E)
+        self.positions = torch.empty(size, dtype=torch.long, device=device)  # (R,)
         self.seen = 0
 
     @property
     def size(self) -> int:
         return min(self.seen, self.inputs.shape[0])
 
-    def add(self, x: torch.Tensor, log_norms: torch.Tensor, gen: torch.Generator) -> None:
-        """Add (N, D) inputs and (N, E) targets (Algorithm R, vectorised)."""
+    def add(
+        self,
+        x: torch.Tensor,
+        log_norms: torch.Tensor,
+        gen: torch.Generator,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Add (N, D) inputs, (N, E) targets and (N,) positions (Algorithm R, vectorised)."""
         capacity, n = self.inputs.shape[0], x.shape[0]
+        if positions is None:
+            positions = torch.arange(self.seen, self.seen + n)
+        positions = positions.to(self.positions.device)
         free = max(0, min(n, capacity - self.seen))
         if free:
             self.inputs[self.seen : self.seen + free] = x[:free].to(self.inputs.dtype)
             self.targets[self.seen : self.seen + free] = log_norms[:free].float()
+            self.positions[self.seen : self.seen + free] = positions[:free]
         if free < n:
             # token number i (0-based) replaces a uniform slot j in [0, i] when j < capacity
             numbers = torch.arange(self.seen + free, self.seen + n, dtype=torch.float64)
@@ -64,33 +112,146 @@ class _Reservoir:
             slots, rest = slots[keep].to(x.device), torch.arange(free, n, device=x.device)[keep]
             self.inputs[slots] = x[rest].to(self.inputs.dtype)
             self.targets[slots] = log_norms[rest].float()
+            self.positions[slots] = positions[rest.to(positions.device)]
         self.seen += n
 
 
-@contextlib.contextmanager
-def _collecting(
-    layers: list[MoEFFN], reservoirs: list[_Reservoir], gen: torch.Generator
-) -> Iterator[None]:
+class _Collector:
     """Hooks that feed each layer's input and true expert norms into its reservoir.
 
-    Every layer is made to run all its experts, so later layers see the dense model's inputs.
+    Set :attr:`positions` to the (B*T,) places of the next batch's tokens before each forward.
+    With ``dense`` every layer runs all its experts, so later layers see the dense model's
+    inputs; otherwise each layer's own selector runs (inputs of the routed model).
     """
 
-    def hook(moe: MoEFFN, args: tuple, reservoir: _Reservoir) -> None:
+    def __init__(
+        self,
+        layers: list[MoEFFN],
+        reservoirs: list[_Reservoir],
+        gen: torch.Generator,
+        *,
+        dense: bool = True,
+    ):
+        self.layers, self.reservoirs, self.gen, self.dense = layers, reservoirs, gen, dense
+        self.positions: torch.Tensor | None = None
+
+    def _hook(self, moe: MoEFFN, args: tuple, reservoir: _Reservoir) -> None:
         x = args[0].reshape(-1, moe.d_model)  # (N, D)
         log_norms = moe.expert_norms(x).float().clamp_min(LOG_NORM_FLOOR).log()  # (N, E)
-        reservoir.add(x, log_norms, gen)
-        moe.select_next(torch.ones(x.shape[0], moe.num_experts, dtype=torch.bool))
+        reservoir.add(x, log_norms, self.gen, self.positions)
+        if self.dense:
+            moe.select_next(torch.ones(x.shape[0], moe.num_experts, dtype=torch.bool))
 
-    handles = [
-        moe.register_forward_pre_hook(lambda m, a, r=reservoir: hook(m, a, r))
-        for moe, reservoir in zip(layers, reservoirs, strict=True)
-    ]
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = [
+            moe.register_forward_pre_hook(lambda m, a, r=reservoir: self._hook(m, a, r))
+            for moe, reservoir in zip(self.layers, self.reservoirs, strict=True)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _collect(
+    model: nn.Module,
+    data: TokenBlocks,
+    layers: list[MoEFFN],
+    config: RouterConfig,
+    *,
+    dense: bool,
+    show: bool,
+    desc: str,
+) -> list[_Reservoir]:
+    """Run this rank's shard of ``data`` through ``model``; one reservoir per layer.
+
+    Each rank keeps its share of ``tokens_per_layer`` (in proportion to its tokens), so the
+    ranks' samples together hold at most ``tokens_per_layer`` tokens, and all of them when the
+    text is no longer than that.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world = rank_and_world()
+    shard = data.shard(rank, world)
+    block_len = data.input_ids.shape[1]
+    capacity = max(
+        1, math.ceil(config.tokens_per_layer * shard.num_blocks / max(1, data.num_blocks))
+    )
+    device = layers[0].w_in.device
+    storage = getattr(torch, config.storage_dtype)
+    reservoirs = [_Reservoir(capacity, m.d_model, m.num_experts, storage, device) for m in layers]
+    collector = _Collector(
+        layers, reservoirs, torch.Generator().manual_seed(config.seed + rank), dense=dense
+    )
+    # The decoder without the LM head: collection needs no logits.
+    trunk = getattr(model, "base_model", model)
+    was_training = model.training
+    model.eval()
     try:
-        yield
+        with torch.no_grad(), collector.hooked():
+            batches = tqdm(
+                shard.batches(config.forward_batch_size) if shard.num_blocks else [],
+                total=math.ceil(shard.num_blocks / config.forward_batch_size),
+                desc=desc,
+                unit="batch",
+                disable=not show,
+            )
+            done = 0
+            for input_ids in batches:
+                # local block j of rank r is block r + j * world of the whole text
+                blocks = rank + world * torch.arange(done, done + input_ids.shape[0])
+                collector.positions = (
+                    blocks.unsqueeze(1) * block_len + torch.arange(block_len)
+                ).reshape(-1)  # (B*T,)
+                trunk(input_ids=input_ids.to(device), use_cache=False)
+                done += input_ids.shape[0]
     finally:
-        for handle in handles:
-            handle.remove()
+        model.train(was_training)
+    return reservoirs
+
+
+def _gather_to(
+    reservoir: _Reservoir, owner: int, capacity: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """All ranks' samples of one layer, on rank ``owner``, in calibration-text order.
+
+    Returns (inputs (n, D), targets (n, E)) on the owner, None elsewhere; more than
+    ``capacity`` tokens are cut to a seeded uniform subset.
+    """
+    rank, world = rank_and_world()
+    n = reservoir.size
+    inputs, targets, positions = (
+        reservoir.inputs[:n],
+        reservoir.targets[:n],
+        reservoir.positions[:n],
+    )
+    if world > 1:
+        sizes = torch.zeros(world, dtype=torch.long)
+        sizes[rank] = n
+        all_reduce_sum_(sizes)
+        most = int(sizes.max())
+        parts = []
+        for tensor in (inputs, targets, positions):
+            # gloo has no bfloat16; float32 holds it exactly
+            wire = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+            padded = wire.new_zeros((most, *wire.shape[1:]))
+            padded[:n] = wire
+            received = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+            dist.gather(padded, received, dst=owner)
+            if rank == owner:
+                joined = torch.cat([r[: int(k)] for r, k in zip(received, sizes, strict=True)])
+                parts.append(joined.to(tensor.dtype))
+        if rank != owner:
+            return None
+        inputs, targets, positions = parts
+    order = positions.argsort()
+    if order.shape[0] > capacity:
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(order.shape[0], generator=gen)[:capacity].sort().values
+        order = order[keep]
+    return inputs[order], targets[order]
 
 
 def _topk_metrics(
@@ -116,33 +277,18 @@ def _topk_metrics(
 
 def _holdout_metrics(
     router: Router, inputs: torch.Tensor, log_norms: torch.Tensor, k: int, batch: int
-) -> tuple[float, float, float, int]:
-    """Mean (recall, norm share, oracle norm share) over all ranks' held-out tokens."""
-    sums = torch.zeros(4, dtype=torch.float64)
+) -> tuple[float, float, float]:
+    """Mean (recall, norm share, oracle norm share) over held-out tokens."""
+    sums = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch):
             scores = router.scores(inputs[start : start + batch])
-            metrics = _topk_metrics(scores.float(), log_norms[start : start + batch], k)
-            sums += torch.tensor([*metrics, scores.shape[0]], dtype=torch.float64)
-    all_reduce_sum_(sums)
-    n = max(1.0, float(sums[3]))
-    return float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n, int(sums[3])
-
-
-def _max_over_ranks(value: int) -> int:
-    if rank_and_world()[1] <= 1:
-        return value
-    tensor = torch.tensor([value])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor)
-
-
-def _average_gradients(router: nn.Module, world: int) -> None:
-    if world <= 1:
-        return
-    for param in router.parameters():
-        if param.grad is not None:
-            all_reduce_sum_(param.grad).div_(world)
+            sums += torch.tensor(
+                _topk_metrics(scores.float(), log_norms[start : start + batch], k),
+                dtype=torch.float64,
+            )
+    n = max(1, inputs.shape[0])
+    return float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n
 
 
 def _fit(
@@ -152,43 +298,36 @@ def _fit(
     config: RouterConfig,
     gen: torch.Generator,
 ) -> float:
-    """Regress ``router`` on log norms; return the last epoch's mean loss (all ranks)."""
-    _, world = rank_and_world()
-    n_local = inputs.shape[0]
+    """Fit ``router`` to the true log norms with the config's loss; last epoch's mean loss."""
+    n = inputs.shape[0]
+    if n == 0:
+        return float("nan")
+    loss_fn = ROUTER_LOSSES[config.loss]
     # Start the output bias at each expert's mean log norm: training then learns the deviations.
     last = [m for m in router.modules() if isinstance(m, nn.Linear)][-1]
-    stats = torch.cat(
-        [targets.sum(0).double(), torch.tensor([float(n_local)], dtype=torch.float64)]
-    )
-    all_reduce_sum_(stats)
     with torch.no_grad():
-        last.bias.copy_((stats[:-1] / max(1.0, float(stats[-1]))).to(last.bias.dtype))
-    steps = _max_over_ranks(math.ceil(n_local / config.batch_size))
+        last.bias.copy_(targets.mean(0).to(last.bias.dtype))
+    steps = math.ceil(n / config.batch_size)
     optimizer = torch.optim.Adam(
         router.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps * config.epochs)
-    epoch_loss = torch.zeros(2, dtype=torch.float64)
+    epoch_loss = 0.0
     router.train()
     for _ in range(config.epochs):
-        order = torch.randperm(max(1, n_local), generator=gen)
-        epoch_loss.zero_()
+        order = torch.randperm(n, generator=gen)
+        epoch_loss = 0.0
         for step in range(steps):
-            # ranks with fewer tokens wrap around so every rank takes the same number of steps
-            index = order[
-                (step * config.batch_size + torch.arange(config.batch_size)) % max(1, n_local)
-            ]
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
             x, y = inputs[index.to(inputs.device)], targets[index.to(targets.device)]
-            loss = Fn.mse_loss(router.predict_log_norms(x).float(), y)
+            loss = loss_fn(router.predict_log_norms(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            _average_gradients(router, world)
             optimizer.step()
             schedule.step()
-            epoch_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+            epoch_loss += float(loss.detach())
     router.eval()
-    all_reduce_sum_(epoch_loss)
-    return float(epoch_loss[0] / epoch_loss[1].clamp_min(1))
+    return epoch_loss / steps
 
 
 def train_routers(
@@ -231,54 +370,70 @@ def train_routers(
     started = time.perf_counter()
     rank, world = rank_and_world()
     show = progress and rank == 0
-    gen = torch.Generator().manual_seed(config.seed + rank)
-    shard = data.shard(rank, world)
-    device = layers[0].w_in.device
-    storage = getattr(torch, config.storage_dtype)
-    reservoirs = [
-        _Reservoir(config.tokens_per_layer, m.d_model, m.num_experts, storage, device)
-        for m in layers
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _collecting(layers, reservoirs, gen):
-            batches = tqdm(
-                shard.batches(config.forward_batch_size) if shard.num_blocks else [],
-                total=math.ceil(shard.num_blocks / config.forward_batch_size),
-                desc="collecting router data",
-                unit="batch",
-                disable=not show,
-            )
-            for input_ids in batches:
-                model(input_ids=input_ids.to(device), use_cache=False)
-    finally:
-        model.train(was_training)
+    reservoirs = _collect(
+        model, data, layers, config, dense=True, show=show, desc="collecting router data"
+    )
     reset_tally(model)
+    n_tokens = int(all_reduce_sum_(torch.tensor([reservoirs[0].seen]))[0])
 
-    torch.manual_seed(config.seed)  # the same initial routers on every rank
-    reports = []
-    for moe, reservoir in tqdm(
-        list(zip(layers, reservoirs, strict=True)), desc="training routers", disable=not show
-    ):
-        old = moe.selector
-        router = ROUTERS[config.router].for_layer(
-            moe, k=old.k, fraction=old.fraction, **ROUTERS[config.router].config_settings(config)
+    # Layer i is trained by rank i % world on every rank's samples of it; gather them all first
+    # so that no rank waits for another's training.
+    owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in range(len(layers)):
+        gathered = _gather_to(
+            reservoirs[i], i % world, config.tokens_per_layer, config.seed * _SEED_STRIDE + i
         )
-        n = reservoir.size
+        reservoirs[i] = None  # free this layer's share as soon as it has been sent
+        if gathered is not None:
+            owned[i] = gathered
+
+    routers, figures = [], []
+    for i, moe in enumerate(layers):
+        old = moe.selector
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed * _SEED_STRIDE + i)  # same router on every rank
+            router = ROUTERS[config.router].for_layer(
+                moe,
+                k=old.k,
+                fraction=old.fraction,
+                **ROUTERS[config.router].config_settings(config),
+            )
+        routers.append(router)
+        # untrained recall, recall, norm share, oracle share, loss, train and held-out tokens
+        figures.append(torch.full((7,), float("nan"), dtype=torch.float64))
+    for i in tqdm(sorted(owned), desc="training routers", disable=not show):
+        moe, router = layers[i], routers[i]
+        inputs, targets = owned.pop(i)
+        n = inputs.shape[0]
         n_holdout = max(1, math.floor(n * config.holdout_fraction)) if n > 1 else 0
-        inputs, targets = reservoir.inputs[:n], reservoir.targets[:n]
+        # the held-out tokens are the last of the text: other documents than the trained ones
         train_x, train_y = inputs[: n - n_holdout], targets[: n - n_holdout]
         held_x, held_y = inputs[n - n_holdout :], targets[n - n_holdout :]
-        k = min(moe.num_experts, max(1, round(config.report_fraction * moe.num_experts)))
-        untrained, _, _, _ = _holdout_metrics(router, held_x, held_y, k, config.batch_size * 8)
+        k = _report_k(moe, config)
+        untrained, _, _ = _holdout_metrics(router, held_x, held_y, k, config.batch_size * 8)
         loss = float("nan")
         if router.trainable:
+            gen = torch.Generator().manual_seed(config.seed * _SEED_STRIDE + i)
             loss = _fit(router, train_x, train_y, config, gen)
-        recall, share, oracle_share, n_held = _holdout_metrics(
+        recall, share, oracle_share = _holdout_metrics(
             router, held_x, held_y, k, config.batch_size * 8
         )
+        figures[i] = torch.tensor(
+            [untrained, recall, share, oracle_share, loss, train_x.shape[0], n_holdout],
+            dtype=torch.float64,
+        )
+    if world > 1:  # every rank ends with every router and figure, from the rank that made it
+        for i, (router, figure) in enumerate(zip(routers, figures, strict=True)):
+            with torch.no_grad():
+                for tensor in router.state_dict().values():
+                    dist.broadcast(tensor, src=i % world)
+            dist.broadcast(figure, src=i % world)
+
+    reports = []
+    for moe, router, figure in zip(layers, routers, figures, strict=True):
         moe.selector = router
+        k = _report_k(moe, config)
+        untrained, recall, share, oracle_share, loss, n_train, n_holdout = figure.tolist()
         expert_flops = ffn_flops_per_token(
             moe.d_model,
             k * moe.expert_size,
@@ -286,7 +441,6 @@ def train_routers(
             in_biases=moe._in_biases(),
             out_bias=moe.b_out is not None,
         )
-        n_train = int(all_reduce_sum_(torch.tensor([train_x.shape[0]]))[0])
         reports.append(
             LayerRouterReport(
                 layer=moe.layer_index,
@@ -299,11 +453,10 @@ def train_routers(
                 router_flops=router.flops_per_token(moe.d_model),
                 saved_flops=moe.dense_flops_per_token() - expert_flops,
                 final_loss=loss,
-                n_train=n_train,
-                n_holdout=n_held,
+                n_train=int(n_train),
+                n_holdout=int(n_holdout),
             )
         )
-    n_tokens = int(all_reduce_sum_(torch.tensor([reservoirs[0].seen]))[0])
     return RouterReport(
         router=config.router,
         config=config.to_dict(),
@@ -311,3 +464,8 @@ def train_routers(
         n_tokens=n_tokens,
         seconds=time.perf_counter() - started,
     )
+
+
+def _report_k(moe: MoEFFN, config: RouterConfig) -> int:
+    """Experts per token the report's recall and norm share are measured at."""
+    return min(moe.num_experts, max(1, round(config.report_fraction * moe.num_experts)))

@@ -36,12 +36,21 @@ WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
 
 
-def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_sparse(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    extra_json: dict[str, Any] | None = None,
+) -> Path:
     """Write a sparsified model to the folder ``path`` atomically (replacing what is there).
 
     Args:
         model: a Hugging Face model changed by ``sparsify_`` (or loaded by :func:`load_sparse`).
         path: the folder to write.
+        tokenizer: optional tokenizer to save alongside.
+        extra_json: optional ``file name -> JSON-able object`` written into the same folder in
+            the same atomic step (reports, measurements).
 
     Returns:
         The folder path.
@@ -82,6 +91,13 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config  # weights are saved dequantised
         hf_config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         # save_model drops duplicates of tied tensors (tied embeddings); load_model restores them.
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")

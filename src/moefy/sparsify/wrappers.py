@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from moefy import kernels
 from moefy.arch.spec import set_submodule
 
 SPARSIFY_CONFIG_ATTR = "moefy_sparsify_config"
@@ -153,6 +154,25 @@ class ThresholdLinear(_InputSparseLinear):
 
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.masked_fill(x.abs() <= self.threshold, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, self.in_features)  # (N, I)
+        if not kernels.threshold_linear_ready(tokens, self.base_layer.weight, self.threshold):
+            return super().forward(x)  # the masked path (the reference)
+        # Decode-sized batch on the CPU: a kernel that skips the weight rows of dropped inputs
+        # and counts them into zeros_seen itself (fewer small ops per decode step).
+        weight_t = kernels.transposed_weight(self.base_layer)  # (I, O)
+        out = kernels.threshold_linear(
+            tokens,
+            weight_t,
+            self.bias,
+            self.threshold,
+            self.zeros_seen,
+            backend=kernels.Backend.CPU,
+        )
+        self.entries_seen += tokens.numel()
+        self.tokens_seen += tokens.shape[0]
+        return out.reshape(*x.shape[:-1], self.out_features)  # (..., O)
 
 
 class TopKLinear(_InputSparseLinear):

@@ -1,0 +1,172 @@
+"""Decode speed of whole models: tokens per second through transformers' ``generate``, and the
+bytes of weights each generated token reads (what bounds decode on a CPU).
+
+Decode time per token is ``(T(n) - T(1)) / (n - 1)`` with ``T(n)`` the median time of a greedy
+``generate`` of exactly ``n`` new tokens: the prompt's prefill cancels out. All models are timed
+round-robin in the same rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moefy.bench.timing import interleaved_medians
+from moefy.errors import MoefyError
+from moefy.moe.module import MoEFFN
+from moefy.sparsify.wrappers import SparseModule
+
+
+@dataclass(frozen=True)
+class DecodeSpeed:
+    """Decode speed of one model variant.
+
+    Attributes:
+        seconds_per_token: median decode seconds per new token (prefill excluded).
+        bytes_per_token: weight bytes one decoded token reads (measured active shares).
+    """
+
+    seconds_per_token: float
+    bytes_per_token: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+
+def generate_exactly(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (end-of-text is not allowed to stop it).
+
+    Args:
+        model: a causal LM.
+        input_ids: (B, T) prompt.
+        new_tokens: tokens to add.
+
+    Returns:
+        (B, T + new_tokens) token ids.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id or 0,
+        eos_token_id=None,
+    )
+    with torch.inference_mode():
+        return model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+        )
+
+
+def decode_speeds(
+    models: Mapping[str, nn.Module],
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    *,
+    rounds: int,
+    before: Mapping[str, Callable[[], None]] | None = None,
+) -> dict[str, DecodeSpeed]:
+    """Decode speed of each model, all timed in the same rounds.
+
+    Args:
+        models: name -> causal LM (several names may share a model, with different ``before``).
+        input_ids: (1, T) prompt.
+        new_tokens: tokens per timed generate, at least 2.
+        rounds: timed generates per model and length.
+        before: name -> a call run before each of that name's generates (e.g. set a top-k).
+
+    Returns:
+        name -> :class:`DecodeSpeed`.
+
+    Raises:
+        MoefyError: fewer than 2 new tokens.
+    """
+    if new_tokens < 2:
+        raise MoefyError(f"decode timing needs at least 2 new tokens, got {new_tokens}")
+    before = before or {}
+
+    def call(name: str, n: int) -> Callable[[], object]:
+        def run() -> object:
+            if name in before:
+                before[name]()
+            return generate_exactly(models[name], input_ids, n)
+
+        return run
+
+    variants = {}
+    for name in models:
+        variants[f"{name}|1"] = call(name, 1)
+        variants[f"{name}|n"] = call(name, new_tokens)
+    medians = interleaved_medians(variants, rounds=rounds)
+    speeds = {}
+    for name, model in models.items():
+        # One more generate, alone, measures the shares this variant reads (models may be shared).
+        _reset_tallies(model)
+        call(name, new_tokens)()
+        seconds = (medians[f"{name}|n"] - medians[f"{name}|1"]) / (new_tokens - 1)
+        speeds[name] = DecodeSpeed(max(seconds, 1e-9), weight_bytes_per_token(model))
+    return speeds
+
+
+def _reset_tallies(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, MoEFFN):
+            module.reset_tally()
+        elif isinstance(module, SparseModule):
+            module.reset_counters()
+
+
+def weight_bytes_per_token(model: nn.Module) -> float:
+    """Bytes of weights one decoded token reads, from the shares measured since the last reset.
+
+    MoE layers read their selected experts (measured active fraction) and their selector;
+    sparse linear wrappers read the rows of kept inputs (measured zero share); an embedding
+    reads one row; every other parameter is read whole. The KV cache is left out (small at
+    the short contexts benchmarked).
+    """
+    total = 0.0
+    skip: set[int] = set()
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, MoEFFN):
+            skip.update(id(m) for m in module.modules())
+            fraction = module.active_fraction if int(module.tokens_seen) else 1.0
+            experts = _nbytes([module.w_in, module.w_out])
+            total += experts * fraction + _nbytes(module.selector.parameters())
+            total += _nbytes(module.selector.buffers())
+            total += _nbytes(p for p in (module.b_in, module.b_out) if p is not None)
+        elif isinstance(module, SparseModule) and hasattr(module.base_layer, "weight"):
+            skip.update(id(m) for m in module.modules())
+            seen = int(module.entries_seen)
+            kept = 1.0 - int(module.zeros_seen) / seen if seen else 1.0
+            total += _nbytes(module.base_layer.parameters()) * kept
+        elif isinstance(module, nn.Embedding):
+            total += module.weight.shape[1] * module.weight.element_size()
+        else:
+            total += _nbytes(own)
+    return total
+
+
+def _nbytes(tensors) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A dense copy of a moefied or sparsified model (the model itself is left as it is)."""
+    from moefy.moe import moe_layers, unmoefy
+    from moefy.sparsify.wrappers import sparse_modules, unsparsify
+
+    dense = copy.deepcopy(model)
+    if moe_layers(dense):
+        unmoefy(dense)
+    if next(sparse_modules(dense), None) is not None:
+        unsparsify(dense)
+    return dense.eval()

@@ -1,0 +1,65 @@
+"""The benchmark's tables, printed with rich from the JSON-ready results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """Print the bandwidth line, the FFN table and the decode table of :func:`run_bench`."""
+    from moefy.cli.show import console, print_table
+
+    load_before = results["machine_before"].get("load_average")
+    load_after = results.get("machine_after", {}).get("load_average")
+    bandwidth = ", ".join(
+        f"{threads} thread(s) {gbps:.1f} GB/s"
+        for threads, gbps in results["bandwidth_gbps"].items()
+    )
+    console().print(
+        f"kernels: {results['kernels']}; read bandwidth: {bandwidth}; "
+        f"load average before {_load(load_before)}, after {_load(load_after)}"
+    )
+    if results["ffn"]:
+        print_table(
+            "FFN: sparse kernel vs torch dense (speedup = dense / sparse median; limit = the "
+            "speed-up its bytes allow at the measured bandwidth)",
+            [_ffn_row(row) for row in results["ffn"]],
+        )
+    if results["decode"]:
+        print_table(
+            "decode: tokens/s through generate (routers untrained: speed depends on how many "
+            "experts run, not on which)",
+            [_decode_row(row) for row in results["decode"]],
+        )
+
+
+def _load(values: list[float] | None) -> str:
+    return "n/a" if not values else "/".join(f"{v:.1f}" for v in values)
+
+
+def _ffn_row(row: dict[str, Any]) -> dict[str, object]:
+    return {
+        "thr": row["threads"],
+        "shape": row["shape"],
+        "batch": row["batch"],
+        "method": row["method"],
+        "active": f"{row['active']:.2%}",
+        "dense ms": row["dense_ms"],
+        "sparse ms": row["sparse_ms"],
+        "speedup": f"{row['speedup']:.2f}x",
+        "limit": f"{row['limit_speedup']:.2f}x",
+        "of bandwidth": f"{row['of_bandwidth']:.0%}",
+    }
+
+
+def _decode_row(row: dict[str, Any]) -> dict[str, object]:
+    return {
+        "thr": row["threads"],
+        "variant": row["variant"],
+        "active": f"{row['active']:.1%}",
+        "tok/s": row["tokens_per_s"],
+        "ms/token": row["ms_per_token"],
+        "MB/token": row["mb_per_token"],
+        "speedup": f"{row['speedup']:.2f}x",
+        "limit": f"{row['limit_speedup']:.2f}x",
+    }

@@ -1,0 +1,37 @@
+"""Interleaved timing: every variant runs once per round, so drift hits all of them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+def interleaved_medians(
+    variants: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each variant, timed round-robin.
+
+    Args:
+        variants: name -> a call to time (its result is discarded).
+        rounds: timed calls per variant.
+        warmup: untimed rounds first (builds, caches, page faults).
+
+    Returns:
+        name -> median seconds.
+
+    Example:
+        >>> interleaved_medians({"dense": dense_call, "sparse": sparse_call}, rounds=9)
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for round_index in range(warmup + rounds):
+            for name, call in variants.items():
+                start = time.perf_counter()
+                call()
+                elapsed = time.perf_counter() - start
+                if round_index >= warmup:
+                    seconds[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in seconds.items()}

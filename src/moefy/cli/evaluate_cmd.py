@@ -1,0 +1,60 @@
+"""``moefy evaluate``: quality and measured cost of one model (dense or changed by moefy)."""
+
+from __future__ import annotations
+
+import argparse
+
+from moefy.cli.args import add_model_and_data
+from moefy.cli.sweep_cmd import add_evaluation_arguments, eval_config
+
+HELP = "evaluate one model: perplexity, agreement with dense, classification, FLOPs per token"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_data(parser, tokens=8192)
+    add_evaluation_arguments(parser)
+    parser.add_argument(
+        "--dense",
+        default=None,
+        help="the dense model to compare with (needed for the agreement task and FLOPs share)",
+    )
+    parser.add_argument("--out", default=None, help="write the report as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from moefy import dist
+    from moefy.cli.show import console, print_table
+    from moefy.errors import MoefyError
+    from moefy.eval import dense_reference, evaluate, evaluation_blocks
+    from moefy.io import write_json
+    from moefy.models.load import is_causal_lm, load_model
+
+    config = eval_config(args, ("perplexity",))
+    if "agreement" in config.tasks and args.dense is None:
+        raise MoefyError("the agreement task compares with the dense model: pass --dense MODEL")
+    dist.init_from_env()
+    main = dist.is_main_process()
+    with console().status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
+    blocks = evaluation_blocks(tokenizer, config)
+    reference = None
+    if args.dense is not None and is_causal_lm(model):
+        dense, _ = load_model(args.dense)
+        reference = dense_reference(dense, blocks, config.agreement_tokens, config.batch_size)
+        perplexity_only = dataclasses.replace(config, tasks=("perplexity",))
+        reference.cost = evaluate(dense, perplexity_only, tokenizer, blocks=blocks).cost
+        del dense
+    report = evaluate(model, config, tokenizer, reference=reference, blocks=blocks, progress=main)
+    if not main:
+        return 0
+    row = report.row()
+    print_table(
+        f"{args.model} on {args.data}",
+        [{"measure": k, "value": v} for k, v in row.items() if v is not None],
+    )
+    if args.out:
+        write_json(args.out, report.to_dict())
+        console().print(f"report written to [bold]{args.out}[/bold]")
+    return 0

@@ -1,0 +1,66 @@
+"""``moefy layers``: how redundant each block, attention sublayer and MLP is (table, plots)."""
+
+from __future__ import annotations
+
+import argparse
+
+from moefy.cli.args import add_model_and_data, positive_int
+
+HELP = "score every block, attention and MLP layer by redundancy (LLM-Drop similarity, perplexity)"
+
+IMPORTANCE_FILE = "importance.json"
+SHOWN_MOST_REDUNDANT = 4  # block numbers listed per part under the table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_data(parser, tokens=8192)
+    parser.add_argument(
+        "--perplexity",
+        action="store_true",
+        help="also measure the evaluation perplexity with each part removed on its own "
+        "(three perplexity runs per block: slow on deep models)",
+    )
+    parser.add_argument(
+        "--eval-tokens",
+        type=positive_int,
+        default=4096,
+        help="tokens of evaluation text for --perplexity",
+    )
+    parser.add_argument("--out", default="runs/layers", help="output folder (JSON and plots)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moefy.cli.show import console, print_table
+    from moefy.data.text import load_text
+    from moefy.layers import LayerImportanceConfig, layer_importance
+    from moefy.models.load import load_model
+
+    config = LayerImportanceConfig(batch_size=args.batch_size, perplexity=args.perplexity)
+    with console().status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
+        text = load_text(args.data)
+        calibration = text.blocks(
+            tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
+        )
+        evaluation = None
+        if config.perplexity:
+            evaluation = text.blocks(
+                tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.eval_tokens
+            )
+    importance = layer_importance(model, calibration, config, eval_data=evaluation, progress=True)
+    title = f"layer redundancy of {args.model} on {importance.n_tokens} tokens of {args.data}"
+    if importance.has_perplexity:
+        title += f" (dense perplexity {importance.dense_perplexity:.3f}; dppl = increase)"
+    print_table(title, importance.rows())
+    shown = min(SHOWN_MOST_REDUNDANT, importance.num_blocks)
+    for part in ("attention", "mlp", "block"):
+        console().print(f"most redundant {part}: {importance.most_redundant(part, shown)}")
+    out = Path(args.out)
+    importance.save(out / IMPORTANCE_FILE)
+    plots = importance.plot(out)
+    console().print(
+        f"written: [bold]{out / IMPORTANCE_FILE}[/bold], " + ", ".join(str(path) for path in plots)
+    )
+    return 0

@@ -1,0 +1,47 @@
+"""Sparse FFN kernels: C++ (AVX2 + FMA) for the CPU, each with a plain-torch reference twin.
+
+- :func:`expert_ffn`: the selected experts of an expert-major MoE FFN (batch 1 and small
+  batches, reading each selected expert's weights once for all tokens that chose it);
+- :func:`threshold_linear`: a linear layer that skips the weight rows of dropped inputs (TEAL).
+
+The backend (auto / reference / cpu / triton) comes from ``MOEFY_KERNELS`` or
+:func:`set_backend`; the C++ library is built on first use and cached (see
+:mod:`moefy.kernels.build`).
+"""
+
+from moefy.kernels.activations import ACTIVATIONS, activation_name
+from moefy.kernels.backend import (
+    Backend,
+    KernelFallbackWarning,
+    get_backend,
+    parse_backend,
+    set_backend,
+    use_backend,
+)
+from moefy.kernels.build import KernelBuildError
+from moefy.kernels.layout import transposed_weight
+from moefy.kernels.ops import (
+    SMALL_BATCH_MAX,
+    expert_ffn,
+    expert_ffn_activation,
+    threshold_linear,
+    threshold_linear_ready,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "SMALL_BATCH_MAX",
+    "Backend",
+    "KernelBuildError",
+    "KernelFallbackWarning",
+    "activation_name",
+    "expert_ffn",
+    "expert_ffn_activation",
+    "get_backend",
+    "parse_backend",
+    "set_backend",
+    "threshold_linear",
+    "threshold_linear_ready",
+    "transposed_weight",
+    "use_backend",
+]

@@ -1,0 +1,164 @@
+"""Which implementation the kernels run: the backend switch.
+
+``auto`` takes the C++ kernels for CPU tensors when they build here and torch otherwise (saying
+so once, in one warning line); ``reference`` always takes plain torch; ``cpu`` insists on the C++
+kernels and fails with a clear message when they cannot be built; ``triton`` needs a CUDA GPU
+and the triton package. The default comes from ``MOEFY_KERNELS`` (else ``auto``); change it with
+:func:`set_backend` or, for a block of code, :func:`use_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from moefy.errors import MoefyError
+from moefy.kernels.build import KernelBuildError, load_extension
+
+BACKEND_ENV = "MOEFY_KERNELS"
+
+
+class Backend(str, enum.Enum):
+    """Kernel implementations; ``AUTO`` picks the fastest one that works here."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CPU = "cpu"
+    TRITON = "triton"
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """``auto`` could not use the C++ kernels and runs torch instead."""
+
+
+_state: dict[str, object] = {"backend": None, "extension": None, "error": None, "warned": False}
+
+
+def parse_backend(value: str | Backend) -> Backend:
+    """``value`` as a :class:`Backend`.
+
+    Raises:
+        MoefyError: not one of auto, reference, cpu, triton.
+    """
+    try:
+        return Backend(value)
+    except ValueError:
+        known = ", ".join(b.value for b in Backend)
+        raise MoefyError(f"unknown kernel backend {value!r}: use one of {known}") from None
+
+
+def get_backend() -> Backend:
+    """The backend in force: the last :func:`set_backend`, else ``$MOEFY_KERNELS``, else auto."""
+    chosen = _state["backend"]
+    if chosen is None:
+        return _from_environment(os.environ.get(BACKEND_ENV) or Backend.AUTO.value)
+    return chosen  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=8)
+def _from_environment(value: str) -> Backend:
+    return parse_backend(value)  # asked on every decode step: parse each value once
+
+
+def set_backend(backend: str | Backend | None) -> None:
+    """Choose the backend for this process (None: back to ``$MOEFY_KERNELS`` or auto).
+
+    Raises:
+        MoefyError: an unknown name, or a backend that cannot run here (cpu without a working
+            build, triton without a GPU).
+    """
+    if backend is None:
+        _state["backend"] = None
+        return
+    chosen = parse_backend(backend)
+    check_available(chosen)
+    _state["backend"] = chosen
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | Backend) -> Iterator[Backend]:
+    """Run a block with another backend, restoring the previous choice afterwards.
+
+    Example:
+        >>> with use_backend("reference"):
+        ...     y = moe(x)
+    """
+    previous = _state["backend"]
+    set_backend(backend)
+    try:
+        yield get_backend()
+    finally:
+        _state["backend"] = previous
+
+
+def check_available(backend: Backend) -> None:
+    """Raise :class:`MoefyError` when an explicitly chosen backend cannot run here."""
+    if backend is Backend.CPU and cpu_extension() is None:
+        raise MoefyError(
+            f"the cpu kernels cannot run here ({_state['error']}); install a C++ compiler and "
+            "ninja, or choose the reference backend"
+        )
+    if backend is Backend.TRITON:
+        if not triton_available():
+            raise MoefyError(
+                "the triton backend needs a CUDA GPU and the triton package; choose cpu or "
+                "reference on this machine"
+            )
+        raise MoefyError(
+            "triton kernels are not written yet; choose reference to run torch on the GPU"
+        )
+
+
+def triton_available() -> bool:
+    """Whether a CUDA GPU and the triton package are present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def cpu_extension() -> ModuleType | None:
+    """The C++ kernel module, built or loaded once per process; None when it cannot be."""
+    if _state["extension"] is None and _state["error"] is None:
+        try:
+            _state["extension"] = load_extension()
+        except KernelBuildError as err:
+            _state["error"] = str(err)
+    return _state["extension"]  # type: ignore[return-value]
+
+
+def resolve(device: torch.device) -> Backend:
+    """The concrete backend (reference or cpu) that runs a kernel on ``device`` now.
+
+    ``auto`` without a working build warns once (one line) and answers reference.
+    """
+    backend = get_backend()
+    if backend is Backend.CPU and device.type != "cpu":
+        raise MoefyError(f"the cpu backend runs CPU tensors, not {device.type}; choose auto")
+    if backend is Backend.REFERENCE or device.type != "cpu":
+        return Backend.REFERENCE
+    if backend is Backend.TRITON:
+        check_available(backend)
+    if cpu_extension() is not None:
+        return Backend.CPU
+    if backend is Backend.CPU:
+        check_available(backend)
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(
+            f"moefy: C++ kernels unavailable ({_state['error']}); running torch instead "
+            f"(set {BACKEND_ENV}=reference to silence)",
+            KernelFallbackWarning,
+            stacklevel=3,
+        )
+    return Backend.REFERENCE
+
+
+def reset_state() -> None:
+    """Forget the chosen backend, the loaded extension, its error and the warning (for tests)."""
+    _state.update(backend=None, extension=None, error=None, warned=False)

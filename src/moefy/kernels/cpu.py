@@ -1,0 +1,59 @@
+"""The C++ (AVX2 + FMA) kernels behind the same signatures as :mod:`moefy.kernels.reference`.
+
+Shape legend:
+    N: tokens, D: model width, E: experts, S: slots per expert, S_in: input rows per expert,
+    I: input features, O: output features
+
+Inputs must be float32 CPU tensors; the weights must be contiguous (they are read in place,
+never copied). Tokens, masks and thresholds are made contiguous here (they are small).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moefy.kernels.activations import ACTIVATIONS
+from moefy.kernels.backend import cpu_extension
+from moefy.kernels.build import KernelBuildError
+
+
+def _extension():
+    extension = cpu_extension()
+    if extension is None:
+        raise KernelBuildError("the cpu kernels are not built; see moefy.kernels.backend")
+    return extension
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: str,
+    gated: bool,
+) -> torch.Tensor:
+    """(N, D) output over each token's selected experts; see :func:`reference.expert_ffn`."""
+    return _extension().expert_ffn(
+        x.contiguous(),
+        mask.to(torch.bool).contiguous(),
+        w_in,
+        w_out,
+        b_in,
+        b_out,
+        ACTIVATIONS[act],
+        bool(gated),
+    )
+
+
+def threshold_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    zeros_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, O) linear output skipping dropped inputs; see :func:`reference.threshold_linear`."""
+    threshold = threshold.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
+    return _extension().threshold_linear(x.contiguous(), weight_t, bias, threshold, zeros_out)

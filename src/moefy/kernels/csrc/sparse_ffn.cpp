@@ -1,0 +1,377 @@
+// Sparse FFN kernels for x86-64 CPUs with AVX2 and FMA (fp32).
+//
+// Shape legend:
+//   N: tokens, D: model width, E: experts, S: slots per expert, S_in: input rows per expert
+//   (2S gated: gate rows then up rows; S otherwise), I: input features, O: output features.
+//
+// Both kernels are bandwidth-bound at small N: they read each selected weight row once for all
+// tokens that need it, straight from the model's own tensors (no copies), spread row chunks over
+// the intra-op threads, and let every thread accumulate into its own output buffer; the buffers
+// are summed at the end (N x D floats per thread, negligible beside the weights).
+//
+// expert_ffn:      out[t] = b_out + sum_{e selected by t} act(W_in_e x_t + b_in_e) @ W_out_e
+// threshold_linear out[t] = bias + sum_{i : !(|x_ti| <= thr_i)} x_ti * W_t[i]   (W_t is (I, O))
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 8;        // floats per AVX register
+constexpr int64_t kTokenGroup = 8;   // tokens whose dot products share one pass over a row
+constexpr int64_t kAxpyRows = 4;     // weight rows applied together in the accumulation
+constexpr int64_t kChunksPerThread = 4;  // work units per thread, for load balance
+
+enum Activation : int64_t { kReLU = 0, kSiLU = 1, kGeluTanh = 2, kGeluErf = 3 };
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[r * stride + t] = dot(rows[r], xs[t]) over D, for R rows and T tokens.
+template <int R, int T>
+inline void dot_block(const float* const* rows, const float* const* xs, int64_t D, float* out,
+                      int64_t stride) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    __m256 w[R];
+    for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_ps(rows[r] + d);
+    for (int t = 0; t < T; ++t) {
+      const __m256 x = _mm256_loadu_ps(xs[t] + d);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(w[r], x, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      float s = hsum(acc[r][t]);
+      for (int64_t j = d; j < D; ++j) s += rows[r][j] * xs[t][j];
+      out[r * stride + t] = s;
+    }
+  }
+}
+
+// Rows per block for T tokens: as many as the 16 vector registers allow.
+template <int T>
+constexpr int rows_for_tokens() {
+  return T == 1 ? 4 : T == 2 ? 4 : T == 3 ? 3 : T <= 6 ? 2 : 1;
+}
+
+// pre[r * stride + t] = dot(rows[r], xs[t]) for n_rows rows and T tokens.
+template <int T>
+void dot_rows(const float* const* rows, int64_t n_rows, const float* const* xs, int64_t D,
+              float* pre, int64_t stride) {
+  constexpr int R = rows_for_tokens<T>();
+  int64_t r = 0;
+  for (; r + R <= n_rows; r += R) dot_block<R, T>(rows + r, xs, D, pre + r * stride, stride);
+  for (; r < n_rows; ++r) dot_block<1, T>(rows + r, xs, D, pre + r * stride, stride);
+}
+
+// Dispatch on the token count of one group (1..kTokenGroup).
+void dot_rows_any(const float* const* rows, int64_t n_rows, const float* const* xs, int64_t T,
+                  int64_t D, float* pre, int64_t stride) {
+  switch (T) {
+    case 1: return dot_rows<1>(rows, n_rows, xs, D, pre, stride);
+    case 2: return dot_rows<2>(rows, n_rows, xs, D, pre, stride);
+    case 3: return dot_rows<3>(rows, n_rows, xs, D, pre, stride);
+    case 4: return dot_rows<4>(rows, n_rows, xs, D, pre, stride);
+    case 5: return dot_rows<5>(rows, n_rows, xs, D, pre, stride);
+    case 6: return dot_rows<6>(rows, n_rows, xs, D, pre, stride);
+    case 7: return dot_rows<7>(rows, n_rows, xs, D, pre, stride);
+    default: return dot_rows<8>(rows, n_rows, xs, D, pre, stride);
+  }
+}
+
+// outs[t] += sum_r coef[r * stride + t] * rows[r] over D, for R rows and m tokens.
+template <int R>
+inline void axpy_block(const float* const* rows, const float* coef, int64_t stride,
+                       float* const* outs, int64_t m, int64_t D) {
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    __m256 w[R];
+    for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_ps(rows[r] + d);
+    for (int64_t t = 0; t < m; ++t) {
+      __m256 o = _mm256_loadu_ps(outs[t] + d);
+      for (int r = 0; r < R; ++r) o = _mm256_fmadd_ps(w[r], _mm256_set1_ps(coef[r * stride + t]), o);
+      _mm256_storeu_ps(outs[t] + d, o);
+    }
+  }
+  for (; d < D; ++d)
+    for (int64_t t = 0; t < m; ++t) {
+      float o = outs[t][d];
+      for (int r = 0; r < R; ++r) o += rows[r][d] * coef[r * stride + t];
+      outs[t][d] = o;
+    }
+}
+
+// outs[t] += sum over the listed rows of coef[row, t] * row; rows whose coefficients are all zero
+// were dropped by the caller, so their bytes are never read.
+void axpy_rows(const float* const* rows, const float* const* coefs, int64_t n_rows,
+               float* const* outs, int64_t m, int64_t D) {
+  // Pack R coefficient rows contiguously so axpy_block reads them with one stride.
+  std::vector<float> packed(kAxpyRows * m);
+  int64_t r = 0;
+  for (; r + kAxpyRows <= n_rows; r += kAxpyRows) {
+    for (int64_t i = 0; i < kAxpyRows; ++i)
+      std::copy(coefs[r + i], coefs[r + i] + m, packed.data() + i * m);
+    axpy_block<kAxpyRows>(rows + r, packed.data(), m, outs, m, D);
+  }
+  for (; r < n_rows; ++r) axpy_block<1>(rows + r, coefs[r], m, outs, m, D);
+}
+
+inline float activate(float v, int64_t act) {
+  switch (act) {
+    case kReLU: return v > 0.0f ? v : (v == v ? 0.0f : v);  // keep NaN, as torch does
+    case kSiLU: return v / (1.0f + std::exp(-v));
+    case kGeluTanh: {
+      constexpr float kSqrt2OverPi = 0.7978845608028654f;
+      return 0.5f * v * (1.0f + std::tanh(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+    }
+    default: return 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));
+  }
+}
+
+int64_t chunk_size(int64_t total_rows, int64_t rows_per_unit_max, int64_t threads) {
+  const int64_t units = std::max<int64_t>(1, threads * kChunksPerThread);
+  const int64_t size = (total_rows + units - 1) / units;
+  return std::max<int64_t>(1, std::min(rows_per_unit_max, std::max<int64_t>(size, kLanes)));
+}
+
+// Sum the per-thread buffers (threads, N, C) into out (N, C), plus an optional bias (C,).
+void reduce_into(const at::Tensor& partial, int64_t used, const std::optional<at::Tensor>& bias,
+                 at::Tensor& out) {
+  const int64_t N = out.size(0), C = out.size(1);
+  const float* src = partial.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  for (int64_t i = 0; i < N * C; ++i) {
+    float s = b != nullptr ? b[i % C] : 0.0f;
+    for (int64_t k = 0; k < used; ++k) s += src[k * N * C + i];
+    dst[i] = s;
+  }
+}
+
+void check_f32_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+struct ExpertUnit {
+  int64_t expert, slot_begin, slot_end;
+};
+
+}  // namespace
+
+// x (N, D), mask (N, E) bool, w_in (E, S_in, D), w_out (E, S, D), b_in (E, S_in) or None,
+// b_out (D,) or None -> (N, D).
+at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& w_in,
+                      const at::Tensor& w_out, const std::optional<at::Tensor>& b_in,
+                      const std::optional<at::Tensor>& b_out, int64_t act, bool gated) {
+  check_f32_contiguous(x, "x");
+  check_f32_contiguous(w_in, "w_in");
+  check_f32_contiguous(w_out, "w_out");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous(), "mask must be bool");
+  TORCH_CHECK(act >= kReLU && act <= kGeluErf, "unknown activation code ", act);
+  const int64_t N = x.size(0), D = x.size(1), E = w_in.size(0), S_in = w_in.size(1);
+  const int64_t S = w_out.size(1);
+  TORCH_CHECK(w_in.size(2) == D && w_out.size(0) == E && w_out.size(2) == D, "weight shapes");
+  TORCH_CHECK(S_in == (gated ? 2 * S : S), "w_in rows do not match w_out and gated");
+  TORCH_CHECK(mask.size(0) == N && mask.size(1) == E, "mask must be (N, E)");
+  if (b_in.has_value()) check_f32_contiguous(*b_in, "b_in");
+  if (b_out.has_value()) check_f32_contiguous(*b_out, "b_out");
+
+  // Tokens of each expert, in CSR form: tokens[offsets[e] .. offsets[e + 1]).
+  const bool* sel = mask.data_ptr<bool>();
+  std::vector<int64_t> offsets(E + 1, 0), tokens;
+  tokens.reserve(N * E);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t t = 0; t < N; ++t)
+      if (sel[t * E + e]) tokens.push_back(t);
+    offsets[e + 1] = static_cast<int64_t>(tokens.size());
+  }
+  const int64_t threads = at::get_num_threads();
+  int64_t active_slots = 0;
+  for (int64_t e = 0; e < E; ++e) active_slots += offsets[e + 1] > offsets[e] ? S : 0;
+  const int64_t chunk = chunk_size(active_slots, S, threads);
+  std::vector<ExpertUnit> units;
+  for (int64_t e = 0; e < E; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    for (int64_t s = 0; s < S; s += chunk) units.push_back({e, s, std::min(S, s + chunk)});
+  }
+
+  auto out = at::empty({N, D}, x.options());
+  auto partial = at::zeros({threads, N, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* win = w_in.data_ptr<float>();
+  const float* wout = w_out.data_ptr<float>();
+  const float* bin = b_in.has_value() ? b_in->data_ptr<float>() : nullptr;
+  float* part = partial.data_ptr<float>();
+
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "more threads than accumulators");
+    float* acc = part + tid * N * D;
+    std::vector<const float*> rows, xs(kTokenGroup), live_rows, live_coefs;
+    std::vector<float*> outs;
+    std::vector<float> pre, hidden;
+    for (int64_t u = begin; u < end; ++u) {
+      const ExpertUnit& unit = units[u];
+      const int64_t e = unit.expert, n = unit.slot_end - unit.slot_begin;
+      const int64_t* tok = tokens.data() + offsets[e];
+      const int64_t m = offsets[e + 1] - offsets[e];
+      const int64_t n_in = gated ? 2 * n : n;
+      // Input rows of this chunk: its gate rows then its up rows.
+      rows.resize(n_in);
+      for (int64_t s = 0; s < n; ++s) {
+        rows[s] = win + (e * S_in + unit.slot_begin + s) * D;
+        if (gated) rows[n + s] = win + (e * S_in + S + unit.slot_begin + s) * D;
+      }
+      pre.assign(n_in * m, 0.0f);  // (n_in, m)
+      for (int64_t g = 0; g < m; g += kTokenGroup) {
+        const int64_t T = std::min(kTokenGroup, m - g);
+        for (int64_t t = 0; t < T; ++t) xs[t] = xp + tok[g + t] * D;
+        dot_rows_any(rows.data(), n_in, xs.data(), T, D, pre.data() + g, m);
+      }
+      hidden.resize(n * m);  // (n, m)
+      for (int64_t s = 0; s < n; ++s) {
+        const int64_t slot = unit.slot_begin + s;
+        for (int64_t t = 0; t < m; ++t) {
+          float g = pre[s * m + t] + (bin != nullptr ? bin[e * S_in + slot] : 0.0f);
+          float h = activate(g, act);
+          if (gated) h *= pre[(n + s) * m + t] + (bin != nullptr ? bin[e * S_in + S + slot] : 0.0f);
+          hidden[s * m + t] = h;
+        }
+      }
+      // Down rows whose activations are all zero (ReLU) are skipped unread.
+      live_rows.clear();
+      live_coefs.clear();
+      for (int64_t s = 0; s < n; ++s) {
+        const float* h = hidden.data() + s * m;
+        if (std::any_of(h, h + m, [](float v) { return v != 0.0f; })) {
+          live_rows.push_back(wout + (e * S + unit.slot_begin + s) * D);
+          live_coefs.push_back(h);
+        }
+      }
+      outs.resize(m);
+      for (int64_t t = 0; t < m; ++t) outs[t] = acc + tok[t] * D;
+      axpy_rows(live_rows.data(), live_coefs.data(), static_cast<int64_t>(live_rows.size()),
+                outs.data(), m, D);
+    }
+  });
+  reduce_into(partial, threads, b_out, out);
+  return out;
+}
+
+// x (N, I), weight_t (I, O), bias (O,) or None, threshold (1,) or (I,) -> (N, O).
+// zeros_out, an int64 scalar or None, gains the number of zero inputs after dropping.
+at::Tensor threshold_linear(const at::Tensor& x, const at::Tensor& weight_t,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& threshold,
+                            const std::optional<at::Tensor>& zeros_out) {
+  check_f32_contiguous(x, "x");
+  check_f32_contiguous(weight_t, "weight_t");
+  check_f32_contiguous(threshold, "threshold");
+  if (bias.has_value()) check_f32_contiguous(*bias, "bias");
+  const int64_t N = x.size(0), I = x.size(1), O = weight_t.size(1);
+  TORCH_CHECK(weight_t.size(0) == I, "weight_t must be (I, O) with I = x.size(1)");
+  TORCH_CHECK(threshold.numel() == 1 || threshold.numel() == I, "threshold must be () or (I,)");
+  const float* xp = x.data_ptr<float>();
+  const float* thr = threshold.data_ptr<float>();
+  const bool per_channel = threshold.numel() == I;
+
+  // Kept inputs as coefficient rows (I, N) (zero where dropped), and the rows any token keeps.
+  std::vector<float> coef(I * N);
+  std::vector<int64_t> kept_rows;
+  int64_t zeros = 0;
+  for (int64_t i = 0; i < I; ++i) {
+    const float t_i = per_channel ? thr[i] : thr[0];
+    bool any = false;
+    for (int64_t t = 0; t < N; ++t) {
+      const float v = xp[t * I + i];
+      const bool keep = !(std::fabs(v) <= t_i);  // NaN is kept, as masked_fill keeps it
+      coef[i * N + t] = keep ? v : 0.0f;
+      zeros += keep ? (v == 0.0f) : 1;
+      any = any || keep;
+    }
+    if (any) kept_rows.push_back(i);
+  }
+  if (zeros_out.has_value()) {
+    TORCH_CHECK(zeros_out->scalar_type() == at::kLong && zeros_out->numel() == 1,
+                "zeros_out must be an int64 scalar");
+    zeros_out->add_(zeros);
+  }
+  const int64_t K = static_cast<int64_t>(kept_rows.size());
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = chunk_size(K, K, threads);
+  const int64_t n_units = K == 0 ? 0 : (K + chunk - 1) / chunk;
+
+  auto out = at::empty({N, O}, x.options());
+  auto partial = at::zeros({threads, N, O}, x.options());
+  const float* w = weight_t.data_ptr<float>();
+  float* part = partial.data_ptr<float>();
+  at::parallel_for(0, n_units, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "more threads than accumulators");
+    std::vector<const float*> rows, coefs;
+    std::vector<float*> outs(N);
+    for (int64_t t = 0; t < N; ++t) outs[t] = part + (tid * N + t) * O;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r0 = u * chunk, r1 = std::min(K, r0 + chunk);
+      rows.clear();
+      coefs.clear();
+      for (int64_t r = r0; r < r1; ++r) {
+        rows.push_back(w + kept_rows[r] * O);
+        coefs.push_back(coef.data() + kept_rows[r] * N);
+      }
+      axpy_rows(rows.data(), coefs.data(), r1 - r0, outs.data(), N, O);
+    }
+  });
+  reduce_into(partial, threads, bias, out);
+  return out;
+}
+
+// Sum of a float32 buffer, read once with the same loads and threads as the kernels: the
+// streaming read bandwidth that bounds them (the benchmark times it).
+double stream_sum(const at::Tensor& buffer) {
+  check_f32_contiguous(buffer, "buffer");
+  const int64_t n = buffer.numel();
+  const float* p = buffer.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> sums(threads, 0.0);
+  const int64_t block = 4 * kLanes;
+  at::parallel_for(0, n / block, 1, [&](int64_t begin, int64_t end) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = begin; b < end; ++b) {
+      const float* q = p + b * block;
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(q));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(q + kLanes));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(q + 2 * kLanes));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(q + 3 * kLanes));
+    }
+    sums[at::get_thread_num()] += hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  });
+  double total = 0.0;
+  for (double v : sums) total += v;
+  for (int64_t i = (n / block) * block; i < n; ++i) total += p[i];
+  return total;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moefy sparse FFN kernels (AVX2 + FMA, fp32)";
+  m.def("expert_ffn", &expert_ffn, "selected experts' FFN output (N, D)");
+  m.def("threshold_linear", &threshold_linear, "linear layer skipping zeroed inputs (N, O)");
+  m.def("stream_sum", &stream_sum, "sum of a float32 buffer (a streaming read)");
+}

@@ -1,0 +1,86 @@
+"""Plain-torch twins of the kernels: the same signatures, the definition of the right answer.
+
+Shape legend:
+    N: tokens, D: model width, E: experts, S: slots per expert, S_in: input rows per expert
+    (2S gated: gate rows then up rows; S otherwise), I: input features, O: output features
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+
+from moefy.kernels.activations import apply_activation
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: str,
+    gated: bool,
+) -> torch.Tensor:
+    """The FFN output over each token's selected experts.
+
+    Args:
+        x: (N, D) tokens.
+        mask: (N, E) bool, the experts each token runs.
+        w_in: (E, S_in, D) input rows, expert-major (gate rows then up rows when gated).
+        w_out: (E, S, D) the down projection transposed, expert-major.
+        b_in: (E, S_in) input biases, or None.
+        b_out: (D,) down bias, or None.
+        act: an activation name of :data:`moefy.kernels.activations.ACTIVATIONS`.
+        gated: ``act(gate) * up`` when True, ``act(up)`` otherwise.
+
+    Returns:
+        (N, D): ``b_out + sum over selected e of h_e @ w_out[e]``.
+
+    Example:
+        >>> y = expert_ffn(x, mask, moe.w_in, moe.w_out, moe.b_in, moe.b_out, "silu", True)
+    """
+    E, S_in, D = w_in.shape
+    S = w_out.shape[1]
+    pre = Fn.linear(x, w_in.reshape(E * S_in, D)).unflatten(-1, (E, S_in))  # (N, E, S_in)
+    if b_in is not None:
+        pre = pre + b_in
+    if gated:
+        gate, up = pre.split(S, dim=-1)
+        hidden = apply_activation(gate, act) * up  # (N, E, S)
+    else:
+        hidden = apply_activation(pre, act)
+    hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # unselected experts add nothing
+    out = hidden.flatten(1) @ w_out.reshape(E * S, D)  # (N, D)
+    return out if b_out is None else out + b_out
+
+
+def threshold_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    zeros_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer whose input entries with ``|x_i| <= threshold_i`` are dropped.
+
+    Args:
+        x: (N, I) inputs.
+        weight_t: (I, O) the weight stored transposed, so a dropped input is one skipped row.
+        bias: (O,) or None.
+        threshold: () one threshold, or (I,) one per input channel.
+        zeros_out: an int64 scalar tensor that gains the number of zero inputs after dropping
+            (the rows a kernel skips), or None.
+
+    Returns:
+        (N, O).
+
+    Example:
+        >>> y = threshold_linear(x, linear.weight.t(), linear.bias, torch.tensor(0.1))
+    """
+    kept = x.masked_fill(x.abs() <= threshold, 0.0)  # (N, I)
+    if zeros_out is not None:
+        zeros_out += (kept == 0).sum()
+    out = kept @ weight_t  # (N, O)
+    return out if bias is None else out + bias

@@ -1,0 +1,65 @@
+"""``moefy generate`` on a saved moefied tiny model, and the one-line errors of generate/bench."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from moefy.cli.main import main
+from moefy.moe import MoEfyConfig, moefy_, save
+from moefy.routing import attach_routers
+from tiny_models import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def routed_folder(tmp_path):
+    model = tiny_model("llama")
+    model.config.pad_token_id = 0
+    moefy_(model, MoEfyConfig(num_experts=8, method="random"))
+    attach_routers(model, "centroid", fraction=0.25)
+    return save(model, tmp_path / "moe-routed", tokenizer=tiny_tokenizer())
+
+
+def test_generate_prints_dense_and_sparse_speed(routed_folder, capsys):
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(routed_folder),
+            "--prompt",
+            "the market",
+            "--max-new-tokens",
+            "4",
+            "--backend",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("the market")
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    assert {"dense", "sparse"} <= set(rows)
+    # the sparse model reads fewer weight bytes per token than the dense one
+    dense_mb, sparse_mb = (float(rows[k].split("│")[4]) for k in ("dense", "sparse"))
+    assert sparse_mb < dense_mb
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["generate", "--model", "x", "--prompt", "p", "--max-new-tokens", "1"], "at least 2"),
+        (["generate", "--model", "x", "--prompt", "p", "--backend", "fast"], "invalid choice"),
+        (["bench", "--threads", "0"], "thread counts must be >= 1"),
+        (["bench", "--only", "both"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv, pattern, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(pattern, err)
+    assert len(err.strip().splitlines()) == 1
