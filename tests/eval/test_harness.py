@@ -151,18 +151,22 @@ def test_config_round_trips_through_json():
     assert EvalConfig.from_json(config.to_json()) == config
 
 
-def _two_rank_worker(rank: int, out_dir: str) -> None:
-    import json
-
+def _perturbed_row() -> dict:
+    """evaluate() of a changed tiny llama against the dense one (this process's shard)."""
     model, blocks = tiny_model("llama"), _blocks(n_blocks=7)
     reference = dense_reference(model, blocks, n_tokens=50, batch_size=2)
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.lm_head.weight.mul_(2.0)
     reference.cost = evaluate(model, blocks=blocks).cost
-    row = evaluate(other, AGREE, reference=reference, blocks=blocks).row()
+    return evaluate(other, AGREE, reference=reference, blocks=blocks).row()
+
+
+def _two_rank_worker(rank: int, out_dir: str) -> None:
+    import json
+
     with open(f"{out_dir}/rank{rank}.json", "w") as file:
-        json.dump(row, file)
+        json.dump(_perturbed_row(), file)
 
 
 @pytest.mark.slow
@@ -172,13 +176,7 @@ def test_two_processes_equal_one(tmp_path):
     from gloo import WORLD, spawn
 
     spawn(_two_rank_worker, str(tmp_path))
-    model, blocks = tiny_model("llama"), _blocks(n_blocks=7)
-    reference = dense_reference(model, blocks, n_tokens=50, batch_size=2)
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        other.lm_head.weight.mul_(2.0)
-    reference.cost = evaluate(model, blocks=blocks).cost
-    expected = evaluate(other, AGREE, reference=reference, blocks=blocks).row()
+    expected = _perturbed_row()
     for rank in range(WORLD):
         row = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert row.keys() == expected.keys()

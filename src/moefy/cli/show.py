@@ -20,6 +20,8 @@ def console():
 
 
 def _cell(value: object) -> str:
+    if value is None:  # not measured for this row
+        return ""
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)

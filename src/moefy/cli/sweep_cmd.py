@@ -154,7 +154,7 @@ def _table_row(row: dict) -> dict:
         "method": row["method"],
         "level": "" if row["level"] is None else f"{row['level']:g}",
         "FFN FLOPs": pct(row.get("ffn_flops_fraction")),
-        "sparsity": pct(row.get("measured_sparsity")),
+        "skipped": pct(row.get("measured_sparsity")),
         "perplexity": None if row.get("perplexity") is None else f"{row['perplexity']:.2f}",
         "x dense": None
         if row.get("perplexity_ratio") is None

@@ -135,7 +135,7 @@ TABLE_COLUMNS = (
     ("method", "method", ""),
     ("level", "level", ""),
     ("ffn_flops_fraction", "FFN FLOPs", "pct"),
-    ("measured_sparsity", "measured sparsity", "pct"),
+    ("measured_sparsity", "weights skipped (measured)", "pct"),
     ("total_flops_per_token", "GFLOPs / token", "g"),
     ("perplexity", "perplexity", ""),
     ("perplexity_ratio", "ratio to dense", ""),
@@ -193,6 +193,7 @@ table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td:first-child { text-align: left; }
 .plots img { max-width: 49%; } .meta { color: #666; font-size: 0.85em; }
+pre.meta { white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 
@@ -218,9 +219,7 @@ def render_report(
     profile = getattr(config, "profile", None)
     profile_html = "".join(_img(png, name) for name, png in _profile_images(profile))
     curves_json = json.dumps({m: curves(rows, m) for m, _, _ in QUALITY_PLOTS})
-    settings = (
-        "" if config is None else html.escape(json.dumps(config.to_dict(), indent=2, default=str))
-    )
+    settings = "" if config is None else html.escape(json.dumps(config.to_dict(), default=str))
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     model = html.escape(str(getattr(config, "model", "")))
     return f"""<!DOCTYPE html>
