@@ -86,6 +86,12 @@ _EXPORTS = {
     "apply_layer_method": "moefy.layers",
     "save_dropped": "moefy.layers",
     "load_dropped": "moefy.layers",
+    # sparsity-raising training
+    "relufy_": "moefy.finetune",
+    "finetune": "moefy.finetune",
+    "FinetuneConfig": "moefy.finetune",
+    "FinetuneReport": "moefy.finetune",
+    "FATReLU": "moefy.finetune",
     # errors
     "MoefyError": "moefy.errors",
 }

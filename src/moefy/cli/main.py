@@ -26,6 +26,7 @@ COMMANDS = {
     "report": "moefy.cli.report_cmd",
     "layers": "moefy.cli.layers_cmd",
     "drop": "moefy.cli.drop_cmd",
+    "finetune": "moefy.cli.finetune_cmd",
 }
 
 EXIT_USAGE = 2

@@ -176,6 +176,9 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         model = _model_class(config).from_pretrained(
             folder, config=config, dtype=dtype, local_files_only=True
         )
+        from moefy.finetune.relu import reapply_fatrelu
+
+        reapply_fatrelu(model)  # a FATReLU threshold recorded by relufy_ (no-op otherwise)
     model.eval()
     tokenizer = None
     if any((folder / file).is_file() for file in TOKENIZER_FILES):

@@ -1,0 +1,94 @@
+"""The fine-tuning config: budget, optimiser, sparsity regulariser, distillation, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moefy.errors import MoefyError
+from moefy.finetune.regularizers import REGULARIZERS
+from moefy.jsonconfig import JsonConfig
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(JsonConfig):
+    """How :func:`moefy.finetune` trains.
+
+    The run stops at the first budget reached (``max_steps``, ``max_tokens``, ``minutes``); at
+    least one must be given. Progress through the budget drives ProSparse's schedule and the
+    learning-rate decay.
+
+    Attributes:
+        max_steps: optimiser steps, or None.
+        max_tokens: training tokens (all ranks), or None.
+        minutes: wall-clock minutes, or None.
+        lr: peak AdamW learning rate (linear warm-up, then cosine decay to 10 %).
+        warmup_steps: steps of linear warm-up.
+        weight_decay: AdamW weight decay.
+        batch_size: blocks per micro-batch (per rank).
+        grad_accum: micro-batches per optimiser step.
+        max_grad_norm: gradient clipping norm (0: none).
+        reg: sparsity regulariser: ``none``, ``l1``, ``hoyer`` or ``prosparse`` (L1 with the
+            progressive staged schedule).
+        reg_weight: the regulariser's weight (ProSparse: the final one).
+        reg_stages: ProSparse's number of stages.
+        distill: weight of KL(teacher || student) on the logits, with the model as it was
+            before training as the teacher (0: plain language-model loss only).
+        checkpoint_every: optimiser steps between checkpoints (0: only at the end).
+        log_every: optimiser steps between log rows.
+        seed: seed of the data order and of everything random in the run.
+        version: config format version.
+
+    Example:
+        >>> FinetuneConfig(minutes=15, reg="prosparse", reg_weight=1e-2)
+    """
+
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    minutes: float | None = None
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    reg: str = "prosparse"
+    reg_weight: float = 1e-2
+    reg_stages: int = 4
+    distill: float = 0.0
+    checkpoint_every: int = 50
+    log_every: int = 5
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens}
+        for name, value in budgets.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MoefyError(f"{name} must be an integer >= 1 (or None), got {value!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise MoefyError(f"minutes must be > 0 (or None), got {self.minutes!r}")
+        if self.max_steps is None and self.max_tokens is None and self.minutes is None:
+            raise MoefyError(
+                "give a training budget: max_steps, max_tokens or minutes (--steps, --tokens, "
+                "--minutes)"
+            )
+        if self.reg not in REGULARIZERS:
+            raise MoefyError(f"unknown regulariser {self.reg!r}; known: {', '.join(REGULARIZERS)}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "reg_weight", "distill"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise MoefyError(f"{name} must be a number >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise MoefyError(f"lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "grad_accum", "reg_stages", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise MoefyError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise MoefyError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.version != CONFIG_VERSION:
+            raise MoefyError(f"FinetuneConfig version {self.version} is not {CONFIG_VERSION}")
