@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, positive_int
+from moefy.cli.args import (
+    add_model_and_data,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 HELP = "raise activation sparsity by training: relufy, L1/Hoyer/ProSparse, distillation"
 REPORT_FILE = "finetune_report.json"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 # moefy.finetune.REGULARIZERS, spelled out so that --help does not import torch (a test checks)
@@ -39,25 +24,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(batch_size=4)
     parser.add_argument("--relufy", action="store_true", help="swap the FFN activation for ReLU")
     parser.add_argument(
-        "--fatrelu", type=_non_negative_float, default=0.0, help="with --relufy: FATReLU threshold"
+        "--fatrelu", type=non_negative_float, default=0.0, help="with --relufy: FATReLU threshold"
     )
     parser.add_argument("--reg", choices=REGULARIZERS, default="prosparse", help="regulariser")
     parser.add_argument(
-        "--reg-weight", type=_non_negative_float, default=1e-2, help="(final) regulariser weight"
+        "--reg-weight", type=non_negative_float, default=1e-2, help="(final) regulariser weight"
     )
     parser.add_argument("--reg-stages", type=positive_int, default=4, help="ProSparse stages")
     parser.add_argument(
         "--distill",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="weight of KL to the original model's logits (0: none)",
     )
-    parser.add_argument("--minutes", type=_positive_float, default=None, help="time budget")
+    parser.add_argument("--minutes", type=positive_float, default=None, help="time budget")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimiser-step budget")
     parser.add_argument(
         "--train-tokens", type=positive_int, default=None, help="training-token budget"
     )
-    parser.add_argument("--lr", type=_positive_float, default=1e-4, help="peak learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate")
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step")
     parser.add_argument(
         "--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints"
