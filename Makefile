@@ -10,16 +10,18 @@ STAMP := $(VENV)/.moefy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-gpu clean
 
 install: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt requirements/lm-eval.txt Makefile | $(PY)
+# requirements/triton.txt: the Triton kernels' tests run under its interpreter on the CPU.
+$(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt requirements/lm-eval.txt \
+		requirements/triton.txt Makefile | $(PY)
 	$(PIP) install $(TORCH_PIN)
-	$(PIP) install -r requirements/pinned.txt -r requirements/lm-eval.txt
+	$(PIP) install -r requirements/pinned.txt -r requirements/lm-eval.txt -r requirements/triton.txt
 	$(PIP) install --no-deps -r requirements/data.txt
 	$(PIP) install --no-deps -e .
 	@touch $@
@@ -71,6 +73,11 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(MOEFY) bench $(BENCH_ARGS) --out $(RUNS)/bench.json
 	$(PY) benchmarks/profile_overhead.py
+
+# The Triton kernels against cuBLAS on a CUDA GPU (BENCH_GPU_ARGS=--quick for a short run).
+BENCH_GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	$(MOEFY) bench --device cuda $(BENCH_GPU_ARGS) --out $(RUNS)/bench-gpu.json
 
 clean:
 	rm -rf $(VENV) $(RUNS)

@@ -153,3 +153,16 @@ def save_tiny_hf_folder(path, name: str = "llama", seed: int = 0):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def write_word_text(path, docs: int = 40, words: int = 60, seed: int = 0):
+    """A ``.jsonl`` of ``docs`` documents of ``words`` random words of :data:`WORDS` at ``path``."""
+    import json
+
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(docs):
+        picks = torch.randint(len(WORDS), (words,), generator=gen).tolist()
+        lines.append(json.dumps({"text": " ".join(WORDS[i] for i in picks)}))
+    path.write_text("\n".join(lines))
+    return path

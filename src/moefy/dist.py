@@ -13,17 +13,24 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> bool:
+def init_from_env(device: torch.device | None = None) -> bool:
     """Initialise the process group when launched by ``torchrun``; return whether distributed.
 
-    Uses gloo on CPU and nccl when CUDA is available. Safe to call twice.
+    Args:
+        device: where this process runs its model: nccl (with this GPU as the current one) for
+            a CUDA device, gloo otherwise. None keeps the old choice: nccl whenever CUDA is
+            available.
+
+    Safe to call twice.
     """
     if dist.is_available() and dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_gpu and device is not None:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
     return True
 
 
@@ -40,9 +47,33 @@ def is_main_process() -> bool:
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op outside a process group) and return it."""
+    """Sum ``tensor`` over ranks in place (no-op outside a process group) and return it.
+
+    Under nccl a CPU tensor (a small count or a figure kept on the host) travels through the
+    current GPU and back, so callers need not know the backend.
+    """
     if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Copy rank ``src``'s ``tensor`` to every rank in place (no-op outside a process group).
+
+    Like :func:`all_reduce_sum_`, a CPU tensor travels through the current GPU under nccl.
+    """
+    if rank_and_world()[1] > 1:
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(on_gpu, src=src)
+            tensor.copy_(on_gpu)
+        else:
+            dist.broadcast(tensor, src=src)
     return tensor
 
 

@@ -11,21 +11,13 @@ from moefy.cli.main import main
 from moefy.models.load import load_model
 from moefy.moe import moe_layers
 from moefy.profiling import SparsityProfile
-from tiny_models import WORDS, save_tiny_hf_folder
+from tiny_models import save_tiny_hf_folder, write_word_text
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model_dir = save_tiny_hf_folder(root / "tiny")
-    gen = torch.Generator().manual_seed(0)
-    docs = []
-    for _ in range(40):
-        picks = torch.randint(len(WORDS), (60,), generator=gen).tolist()
-        docs.append({"text": " ".join(WORDS[i] for i in picks)})
-    text = root / "text.jsonl"
-    text.write_text("\n".join(json.dumps(d) for d in docs))
-    return root, model_dir, text
+    return root, save_tiny_hf_folder(root / "tiny"), write_word_text(root / "text.jsonl")
 
 
 def test_profile_convert_splits(workspace, capsys):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -46,11 +49,42 @@ def test_environment_sets_the_default(monkeypatch):
 
 def test_triton_without_gpu_says_what_to_do(monkeypatch):
     monkeypatch.setattr(kernel_backend, "triton_available", lambda: False)
+    monkeypatch.delenv(kernel_backend.INTERPRET_ENV, raising=False)
     with pytest.raises(MoefyError, match="needs a CUDA GPU and the triton package"):
         set_backend("triton")
     x, mask, w_in, w_out = _case()
-    with pytest.raises(MoefyError, match="triton"):
+    with pytest.raises(MoefyError, match="triton") as caught:
         expert_ffn(x, mask, w_in, w_out, None, None, "silu", True, backend="triton")
+    assert "\n" not in str(caught.value) and "moefy[triton]" in str(caught.value)
+
+
+def test_triton_not_installed_is_an_error_even_when_interpreting(monkeypatch):
+    monkeypatch.setattr(kernel_backend, "triton_installed", lambda: False)
+    monkeypatch.setenv(kernel_backend.INTERPRET_ENV, "1")
+    with pytest.raises(MoefyError, match="triton package"):
+        set_backend("triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto takes triton on CUDA tensors")
+def test_moefy_and_cpu_kernels_work_without_triton():
+    """With triton unimportable, moefy imports, and auto and reference run on CPU tensors."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, moefy, moefy.kernels as k\n"
+        "x, w = torch.randn(2, 8), torch.randn(8, 4)\n"
+        "for backend in ('auto', 'reference'):\n"
+        "    y = k.threshold_linear(x, w, None, torch.tensor(0.5), backend=backend)\n"
+        "    assert y.shape == (2, 4)\n"
+        "from moefy.kernels.backend import triton_available\n"
+        "print(triton_available(), 'triton' in sys.modules and sys.modules['triton'] is not None)\n"
+    )
+    env = {**os.environ, NO_BUILD_ENV: "1"}  # the reference fallback is enough here
+    env.pop(kernel_backend.INTERPRET_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
 
 
 def _simulate_no_compiler(monkeypatch):

@@ -74,3 +74,53 @@ def add_model_and_data(parser: argparse.ArgumentParser, *, tokens: int) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="blocks per forward pass"
     )
+
+
+# Spelled out so that --help does not import torch; moefy.device holds the same names.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def device_spec(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked against the machine
+    later, by :func:`moefy.device.resolve_device`)."""
+    spec = text.strip().lower()
+    kind, sep, index = spec.partition(":")
+    if kind not in DEVICE_CHOICES or (sep and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(DEVICE_CHOICES)} (or cuda:N), got {text!r}"
+        )
+    return spec
+
+
+def add_device_and_dtype(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype: where the model runs and the dtype of its weights.
+
+    The defaults are ``auto``: a CUDA GPU in bf16 where torch sees one, else the CPU in fp32
+    (what moefy did before these flags). Read them back with :func:`device_and_dtype`.
+    """
+    parser.add_argument(
+        "--device",
+        type=device_spec,
+        default="auto",
+        metavar="{auto,cpu,cuda}",
+        help="where the model runs: auto (default: CUDA when present, else CPU), cpu or cuda[:N]",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the weights: auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16; "
+        "statistics are accumulated in fp32 whatever it is",
+    )
+
+
+def device_and_dtype(args: argparse.Namespace):
+    """The ``(torch.device, torch.dtype)`` of ``--device`` and ``--dtype``.
+
+    Raises:
+        MoefyError: CUDA asked for where torch sees no GPU (the CLI prints one line, exit 2).
+    """
+    from moefy.device import resolve
+
+    return resolve(args.device, args.dtype)

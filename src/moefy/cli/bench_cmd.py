@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import positive_int
+from moefy.cli.args import DTYPE_CHOICES, device_spec, positive_int
 
 HELP = "time the sparse FFN kernels and sparse decoding against dense (medians, ratios, limits)"
 
@@ -40,6 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="smollm2-135m", help="model of the decode table (built-in or folder)"
     )
+    parser.add_argument(
+        "--device",
+        type=device_spec,
+        default="cpu",
+        metavar="{cpu,cuda}",
+        help="cpu (default): the C++ kernels and SmolLM2 decode; cuda: the Triton kernels "
+        "against cuBLAS on Llama-3 shapes (kernel level)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="with --device cuda: weight dtype (auto = bf16)",
+    )
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
 
 
@@ -47,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from moefy.bench import BenchConfig, run_bench
     from moefy.bench.report import print_results
     from moefy.cli.show import console
+    from moefy.device import dtype_name, resolve
     from moefy.io import write_json
 
+    device, dtype = resolve(args.device, args.dtype)
+    if device.type == "cuda":
+        return _run_gpu(args, device, dtype_name(dtype))
     config = BenchConfig(
         threads=args.threads,
         quick=args.quick,
@@ -60,6 +78,28 @@ def run(args: argparse.Namespace) -> int:
     with console().status("benchmarking") as status:
         results = run_bench(config, progress=lambda message: status.update(message))
     print_results(results)
+    if args.out:
+        write_json(args.out, results)
+        console().print(f"results written to [bold]{args.out}[/bold]")
+    return 0
+
+
+def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
+    """``--device cuda``: the Triton kernels against cuBLAS (:func:`moefy.bench.run_gpu_bench`)."""
+    from moefy.bench import GpuBenchConfig, print_gpu_results, run_gpu_bench
+    from moefy.cli.show import console
+    from moefy.errors import MoefyError
+    from moefy.io import write_json
+
+    if args.only == "decode":
+        raise MoefyError(
+            "the GPU bench measures kernels only so far: drop --only decode (end-to-end GPU "
+            "decode timing is not built yet)"
+        )
+    config = GpuBenchConfig(dtype=dtype, rounds=args.rounds, quick=args.quick)
+    with console().status("benchmarking on the GPU") as status:
+        results = run_gpu_bench(config, device=device, progress=status.update)
+    print_gpu_results(results)
     if args.out:
         write_json(args.out, results)
         console().print(f"results written to [bold]{args.out}[/bold]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import positive_int
+from moefy.cli.args import add_device_and_dtype, device_and_dtype, positive_int
 
 HELP = "split each dense FFN into experts (random, params or coactivation) and save the model"
 
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="round expert sizes up to this multiple (8 or 16 suit kernels); pads with zeros",
     )
     parser.add_argument("--out", default="runs/moe", help="output folder of the moefied model")
+    add_device_and_dtype(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,9 +56,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         size_multiple=args.size_multiple,
     )
+    device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     moefy_(model, config, profile=profile, progress=True)
     out = save(model, Path(args.out), tokenizer=tokenizer)
     layers = moe_layers(model)

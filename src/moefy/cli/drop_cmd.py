@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    device_and_dtype,
+    positive_int,
+)
 
 HELP = "drop the most redundant attention/MLP layers or blocks, or skip middle blocks; save"
 
@@ -35,6 +40,7 @@ def _speedup(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=8192)
+    add_device_and_dtype(parser)
     parser.add_argument(
         "--attention", type=_count, default=0, help="most redundant attention layers to drop"
     )
@@ -91,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
     by_similarity = args.attention or args.mlp or args.blocks
     if not (by_similarity or args.skip or args.speedup):
         raise MoefyError("nothing to drop: give --attention, --mlp, --blocks, --skip or --speedup")
+    device, dtype = device_and_dtype(args)
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         num_blocks = len(find_layers(model))
         text = load_text(args.data)
         evaluation = text.blocks(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data
+from moefy.cli.args import add_device_and_dtype, add_model_and_data, device_and_dtype
 from moefy.cli.sweep_cmd import add_evaluation_arguments, eval_config
 
 HELP = "evaluate one model: perplexity, agreement with dense, classification, FLOPs per token"
@@ -13,6 +13,7 @@ HELP = "evaluate one model: perplexity, agreement with dense, classification, FL
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=8192)
     add_evaluation_arguments(parser)
+    add_device_and_dtype(parser)
     parser.add_argument(
         "--dense",
         default=None,
@@ -34,14 +35,15 @@ def run(args: argparse.Namespace) -> int:
     config = eval_config(args, ("perplexity",))
     if "agreement" in config.tasks and args.dense is None:
         raise MoefyError("the agreement task compares with the dense model: pass --dense MODEL")
-    dist.init_from_env()
+    device, dtype = device_and_dtype(args)
+    dist.init_from_env(device)
     main = dist.is_main_process()
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     blocks = evaluation_blocks(tokenizer, config)
     reference = None
     if args.dense is not None and is_causal_lm(model):
-        dense, _ = load_model(args.dense)
+        dense, _ = load_model(args.dense, dtype=dtype, device=device)
         reference = dense_reference(dense, blocks, config.agreement_tokens, config.batch_size)
         perplexity_only = dataclasses.replace(config, tasks=("perplexity",))
         reference.cost = evaluate(dense, perplexity_only, tokenizer, blocks=blocks).cost

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 
 from moefy.cli.args import (
+    add_device_and_dtype,
     add_model_and_data,
     non_negative_float,
+    open_unit_float,
     positive_float,
     positive_int,
 )
 
-HELP = "raise activation sparsity by training: relufy, L1/Hoyer/ProSparse, distillation"
+HELP = (
+    "raise activation sparsity by training: relufy, L1/Hoyer/ProSparse, distillation; on a "
+    "moefied model, MoE-aware fine-tuning with the routers in the loop"
+)
 REPORT_FILE = "finetune_report.json"
 
 
@@ -21,7 +26,9 @@ REGULARIZERS = ("none", "l1", "hoyer", "prosparse")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=262144)
-    parser.set_defaults(batch_size=4)
+    add_device_and_dtype(parser)
+    # fp32 weights by default even on a GPU: AdamW steps vanish in bf16 weights
+    parser.set_defaults(batch_size=4, dtype="fp32")
     parser.add_argument("--relufy", action="store_true", help="swap the FFN activation for ReLU")
     parser.add_argument(
         "--fatrelu", type=non_negative_float, default=0.0, help="with --relufy: FATReLU threshold"
@@ -36,6 +43,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=0.0,
         help="weight of KL to the original model's logits (0: none)",
+    )
+    moe = parser.add_argument_group("moefied models (MoE-aware fine-tuning)")
+    moe.add_argument(
+        "--fraction",
+        type=open_unit_float,
+        default=None,
+        help="train with top-k routing at this share of experts (default: the model's setting)",
+    )
+    moe.add_argument(
+        "--tau",
+        type=open_unit_float,
+        default=None,
+        help="train with dynamic-k routing at this share of the predicted norm",
+    )
+    moe.add_argument(
+        "--router-loss",
+        type=non_negative_float,
+        default=1.0,
+        help="weight of the routers' fit to the true expert norms (0: routers frozen in place)",
+    )
+    moe.add_argument(
+        "--efficiency",
+        type=non_negative_float,
+        default=0.0,
+        help="weight of the Hoyer measure of each token's expert norms (fewer experts per token)",
     )
     parser.add_argument("--minutes", type=positive_float, default=None, help="time budget")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimiser-step budget")
@@ -58,19 +90,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _measure(model, blocks, batch_size: int) -> dict[str, float]:
+    """Perplexity and exact-zero share in one pass; for a moefied model the active share too."""
     from moefy.eval.perplexity import perplexity
-    from moefy.finetune.sparsity import exact_zero_share
+    from moefy.finetune.sparsity import count_zeros
+    from moefy.moe.convert import moe_layers, reset_tally
 
-    return {
-        "perplexity": perplexity(model, blocks, batch_size).perplexity,
-        "exact_zero": exact_zero_share(model, blocks, batch_size),
-    }
+    layers = moe_layers(model)
+    if layers:
+        reset_tally(model)
+    with count_zeros(model) as zeros:
+        result = {"perplexity": perplexity(model, blocks, batch_size).perplexity}
+    result["exact_zero"] = zeros.share()
+    if layers:
+        result["active_experts"] = sum(m.active_fraction for m in layers) / len(layers)
+    return result
+
+
+def _set_moe_routing(model, args: argparse.Namespace) -> bool:
+    """Apply --fraction / --tau to a moefied model; False for a dense one (then they are errors)."""
+    from moefy.errors import MoefyError
+    from moefy.moe.convert import moe_layers
+
+    if not moe_layers(model):
+        given = [f"--{n}" for n in ("fraction", "tau") if getattr(args, n) is not None]
+        if args.efficiency > 0:
+            given.append("--efficiency")
+        if given:
+            raise MoefyError(
+                f"{', '.join(given)} apply to moefied models; {args.model} has dense FFNs "
+                "(moefy convert it first)"
+            )
+        return False
+    if args.relufy:
+        raise MoefyError(
+            f"{args.model} is moefied: relufy the dense model, train it, then moefy convert it"
+        )
+    if args.fraction is not None and args.tau is not None:
+        raise MoefyError("give --fraction (top-k) or --tau (dynamic k), not both")
+    if args.fraction is not None or args.tau is not None:
+        from moefy.routing import set_routing
+
+        if args.tau is not None:
+            set_routing(model, "dynamic", tau=args.tau)
+        else:
+            set_routing(model, "topk", fraction=args.fraction)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moefy import dist
+    from moefy.cli.args import device_and_dtype
     from moefy.cli.show import console, print_table
     from moefy.data.text import load_text
     from moefy.finetune import FinetuneConfig, finetune, relufy_
@@ -89,14 +160,18 @@ def run(args: argparse.Namespace) -> int:
         reg_weight=args.reg_weight,
         reg_stages=args.reg_stages,
         distill=args.distill,
+        router_loss=args.router_loss,
+        efficiency=args.efficiency,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    dist.init_from_env()
+    device, dtype = device_and_dtype(args)
+    dist.init_from_env(device)
     main = dist.is_main_process()
     out = Path(args.out)
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    routed = _set_moe_routing(model, args)
     text = load_text(args.data)
     train_blocks = text.blocks(tokenizer, "calibration", args.block_len, args.tokens)
     eval_blocks = (
@@ -109,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
     if args.distill > 0:
         import copy
 
-        teacher = copy.deepcopy(model)  # the original model, before any change
+        from moefy.finetune.moe_aware import all_experts_teacher
+
+        # the original model, before any change (moefied: every expert running, i.e. dense)
+        teacher = all_experts_teacher(model) if routed else copy.deepcopy(model)
     if args.relufy:
         layers = relufy_(model, threshold=args.fatrelu)
         if main:
@@ -131,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data,
         "relufy": args.relufy,
         "fatrelu": args.fatrelu,
+        "moe_aware": routed,
         "before": before,
         "after": after,
         "eval_tokens": args.eval_tokens,
@@ -138,42 +217,45 @@ def run(args: argparse.Namespace) -> int:
     }
     write_json(out / REPORT_FILE, summary)
     if before and after:
+        rows = []
+        for name, figures in (("before", before), ("after", after)):
+            row = {"": name, "perplexity": figures["perplexity"]}
+            if args.relufy:
+                row["relufied, untrained"] = figures.get("relufied_perplexity")
+            row["exact zeros"] = f"{figures['exact_zero']:.1%}"
+            if routed:
+                row["active experts"] = f"{figures['active_experts']:.1%}"
+            rows.append(row)
         print_table(
             f"{args.model} on {args.data}: {report.steps} steps, {report.tokens} tokens, "
             f"{report.seconds / 60:.1f} min (stopped by {report.stopped_by})",
-            [
-                {
-                    "": "before",
-                    "perplexity": before["perplexity"],
-                    "relufied, untrained": before.get("relufied_perplexity"),
-                    "exact zeros": f"{before['exact_zero']:.1%}",
-                },
-                {
-                    "": "after",
-                    "perplexity": after["perplexity"],
-                    "relufied, untrained": None,
-                    "exact zeros": f"{after['exact_zero']:.1%}",
-                },
-            ],
+            rows,
         )
     console().print(f"model written to [bold]{out}[/bold] (train_log.csv, {REPORT_FILE})")
     return 0
 
 
 def _save_model(model, tokenizer, out) -> None:
-    """save_pretrained (and the tokenizer) into ``out`` file by file, each replaced atomically."""
+    """The model (dense: save_pretrained; moefied: moefy's MoE format) and the tokenizer into
+    ``out`` file by file, each replaced atomically, beside the checkpoint and log."""
     import os
     import shutil
     import tempfile
     from pathlib import Path
 
+    from moefy.moe import moe_layers, save
+
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for item in tmp.iterdir():
+        source = tmp
+        if moe_layers(model):
+            source = save(model, tmp / "model", tokenizer=tokenizer)
+        else:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        for item in source.iterdir():
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import positive_int
+from moefy.cli.args import add_device_and_dtype, device_and_dtype, positive_int
 
 HELP = "generate text with a moefied or sparsified model; print tokens/s beside dense"
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=positive_int, default=1, help="timed generates per model (medians)"
     )
+    add_device_and_dtype(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 2:
         raise MoefyError("--max-new-tokens must be at least 2 to time decoding")
+    device, dtype = device_and_dtype(args)
     set_backend(args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if tokenizer is None or not is_causal_lm(model):
         raise MoefyError(f"{args.model} is not a causal LM with a tokenizer: generate needs both")
     layers = moe_layers(model)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             "note: oracle selection computes every expert to rank them (no speed-up); "
             "train or attach routers (moefy train-routers) for speed"
         )
-    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids  # (1, T)
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)  # (1, T)
     text = tokenizer.decode(
         generate_exactly(model, prompt, args.max_new_tokens)[0, prompt.shape[1] :],
         skip_special_tokens=True,

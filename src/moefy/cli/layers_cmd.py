@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    device_and_dtype,
+    positive_int,
+)
 
 HELP = "score every block, attention and MLP layer by redundancy (LLM-Drop similarity, perplexity)"
 
@@ -14,6 +19,7 @@ SHOWN_MOST_REDUNDANT = 4  # block numbers listed per part under the table
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=8192)
+    add_device_and_dtype(parser)
     parser.add_argument(
         "--perplexity",
         action="store_true",
@@ -37,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from moefy.layers import LayerImportanceConfig, layer_importance
     from moefy.models.load import load_model
 
+    device, dtype = device_and_dtype(args)
     config = LayerImportanceConfig(batch_size=args.batch_size, perplexity=args.perplexity)
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         text = load_text(args.data)
         calibration = text.blocks(
             tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, open_unit_float
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    device_and_dtype,
+    open_unit_float,
+)
 
 HELP = "measure activation sparsity per FFN layer; write a profile, a table and plots"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=65536)
+    add_device_and_dtype(parser)
     parser.add_argument("--out", default="runs/profile", help="output folder for the profile")
     parser.add_argument(
         "--active-rule",
@@ -51,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
     )
     out = Path(args.out)
-    dist.init_from_env()
+    device, dtype = device_and_dtype(args)
+    dist.init_from_env(device)
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         blocks = load_text(args.data).blocks(
             tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
         )

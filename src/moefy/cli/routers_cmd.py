@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, float_list, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    device_and_dtype,
+    float_list,
+    positive_int,
+)
 
 # The training report, written next to the routed model (not needed to load it).
 REPORT_FILE = "router_report.json"
@@ -15,6 +21,7 @@ HELP = "train a router per MoE layer (mlp, linear or centroid), save the model, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=16384)
     parser.set_defaults(model="runs/moe")
+    add_device_and_dtype(parser)
     parser.add_argument(
         "--router", choices=("mlp", "linear", "centroid"), default="mlp", help="router type"
     )
@@ -79,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
         forward_batch_size=args.batch_size,
         seed=args.seed,
     )
-    init_from_env()
+    device, dtype = device_and_dtype(args)
+    init_from_env(device)
     main = is_main_process()
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         if not moe_layers(model):
             raise MoefyError(f"{args.model} has no MoE layers: run moefy convert first")
         text = load_text(args.data)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    device_and_dtype,
+    positive_int,
+)
 
 HELP = "sparsify activations without training (topk, teal, wina, cats, chess); measure and save"
 
@@ -25,6 +30,7 @@ def _sparsity(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=16384)
+    add_device_and_dtype(parser)
     parser.add_argument("--method", choices=METHODS, default="teal", help="sparsity method")
     parser.add_argument(
         "--sparsity",
@@ -96,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
             f"{err} (--attention and --no-greedy apply to teal and wina only)"
         ) from None
     out = Path(args.out)
-    dist.init_from_env()
+    device, dtype = device_and_dtype(args)
+    dist.init_from_env(device)
     main = dist.is_main_process()
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         text = load_text(args.data)
         calibration = None
         if config.needs_calibration:

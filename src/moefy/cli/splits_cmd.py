@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, float_list, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    device_and_dtype,
+    float_list,
+    positive_int,
+)
 
 HELP = "perplexity of each split method at several shares of experts (oracle selection)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=8192)
+    add_device_and_dtype(parser)
     parser.add_argument("--experts", type=positive_int, default=64, help="experts per FFN layer")
     parser.add_argument(
         "--methods",
@@ -47,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if any(not 0.0 < f <= 1.0 for f in args.fractions) or not args.fractions:
         raise MoefyError(f"--fractions must lie in (0, 1], got {args.fractions}")
+    device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
     with console().status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         blocks = load_text(args.data).blocks(
             tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.tokens
         )

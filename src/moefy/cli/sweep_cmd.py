@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_model_and_data, float_list, positive_int
+from moefy.cli.args import add_device_and_dtype, add_model_and_data, float_list, positive_int
 
 HELP = "evaluate many methods at several levels on the same text; write report.html"
 
@@ -100,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--experts", type=positive_int, default=64, help="experts per layer when --moe is not given"
     )
     parser.add_argument("--out", default="runs/sweep", help="sweep folder (cache, rows, report)")
+    add_device_and_dtype(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
         routed=args.routed,
         profile=args.profile,
         experts=args.experts,
+        device=args.device,
+        dtype=args.dtype,
     )
-    dist.init_from_env()
+    dist.init_from_env(config.resolved()[0])
     main = dist.is_main_process()
     if main:
         console().print(f"sweep: {len(config.plan())} evaluations into {args.out}")

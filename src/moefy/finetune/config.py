@@ -34,7 +34,12 @@ class FinetuneConfig(JsonConfig):
         reg_weight: the regulariser's weight (ProSparse: the final one).
         reg_stages: ProSparse's number of stages.
         distill: weight of KL(teacher || student) on the logits, with the model as it was
-            before training as the teacher (0: plain language-model loss only).
+            before training as the teacher (0: plain language-model loss only); for a moefied
+            model the teacher runs every expert.
+        router_loss: moefied models: weight of the routers' fit to the true expert norms
+            (0: routers stay as they are).
+        efficiency: moefied models: weight of the Hoyer measure of each token's expert norms,
+            which pushes its output mass into fewer experts (0: none).
         checkpoint_every: optimiser steps between checkpoints (0: only at the end).
         log_every: optimiser steps between log rows.
         seed: seed of the data order and of everything random in the run.
@@ -57,6 +62,8 @@ class FinetuneConfig(JsonConfig):
     reg_weight: float = 1e-2
     reg_stages: int = 4
     distill: float = 0.0
+    router_loss: float = 1.0
+    efficiency: float = 0.0
     checkpoint_every: int = 50
     log_every: int = 5
     seed: int = 0
@@ -76,7 +83,15 @@ class FinetuneConfig(JsonConfig):
             )
         if self.reg not in REGULARIZERS:
             raise MoefyError(f"unknown regulariser {self.reg!r}; known: {', '.join(REGULARIZERS)}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "reg_weight", "distill"):
+        for name in (
+            "lr",
+            "weight_decay",
+            "max_grad_norm",
+            "reg_weight",
+            "distill",
+            "router_loss",
+            "efficiency",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise MoefyError(f"{name} must be a number >= 0, got {value!r}")

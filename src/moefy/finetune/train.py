@@ -1,12 +1,15 @@
 """``finetune``: a plain-torch training loop that raises FFN activation sparsity.
 
 Loss per micro-batch = next-token cross-entropy + weight(progress) * penalty(FFN activations)
-+ distill * KL(teacher || student). AdamW, linear warm-up then cosine decay to 10 % of the peak
-learning rate, gradient clipping. Under ``torchrun`` every rank trains on its strided shard of
-the blocks and gradients are averaged with an all-reduce before each step, so all ranks hold the
-same weights. Checkpoints (model, optimiser, step, data position, elapsed time, random state)
-are written atomically; a run started again with the same folder and config resumes from the
-last one and continues the same run.
++ distill * KL(teacher || student). On a moefied model only the experts its routers select run,
+and router_loss * (the routers' fit to the true expert norms) + efficiency * (Hoyer of the expert
+norms) join the loss (MoE-aware fine-tuning, :mod:`moefy.finetune.moe_aware`). AdamW, linear
+warm-up then cosine decay to 10 % of the peak learning rate, gradient clipping. Under
+``torchrun`` every rank trains on its strided shard of the blocks and gradients are averaged with
+an all-reduce before each step, so all ranks hold the same weights. Checkpoints (model,
+optimiser, step, data position, elapsed time, random state) are written atomically; a run
+started again with the same folder and config resumes from the last one and continues the same
+run.
 
 Shape legend:
     B: blocks per micro-batch, T: block length, V: vocabulary, F: FFN width
@@ -14,6 +17,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -31,7 +35,16 @@ from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_, rank_and_world
 from moefy.errors import MoefyError
 from moefy.finetune.config import FinetuneConfig
+from moefy.finetune.moe_aware import (
+    RoutedTraining,
+    active_share,
+    all_experts_teacher,
+    efficiency_penalty,
+    router_loss,
+)
 from moefy.finetune.regularizers import penalty, weight_at
+from moefy.finetune.sparsity import hook_activations
+from moefy.moe.convert import moe_layers
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -47,6 +60,9 @@ LOG_FIELDS = (
     "reg",
     "distill_kl",
     "exact_zero",
+    "router_loss",
+    "efficiency",
+    "active_experts",
 )
 # fields that may change between a run and its resumption (the budget can be extended)
 _RESUMABLE_CHANGES = ("max_steps", "max_tokens", "minutes", "checkpoint_every", "log_every")
@@ -80,29 +96,6 @@ class FinetuneReport:
         data = asdict(self)
         data["config"] = self.config.to_dict()
         return data
-
-
-class _ActivationTap:
-    """Forward hooks that keep the output of every FFN activation of the current forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from moefy.arch.registry import find_ffns
-
-        self.outputs: list[torch.Tensor] = []
-        self._handles = [
-            site.part("act").register_forward_hook(self._keep) for site in find_ffns(model)
-        ]
-
-    def _keep(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-        self.outputs.append(output)
-
-    def take(self) -> list[torch.Tensor]:
-        taken, self.outputs = self.outputs, []
-        return taken
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _lr_at(config: FinetuneConfig, step: int, progress: float) -> float:
@@ -223,14 +216,16 @@ def finetune(
     """Train ``model`` in place on ``data`` with a sparsity regulariser (see module docstring).
 
     Args:
-        model: a causal LM with dense FFNs (often after :func:`relufy_`).
+        model: a causal LM with dense FFNs (often after :func:`relufy_`), or a moefied one
+            (then trained with its selection in the loop: MoE-aware fine-tuning).
         data: training blocks (``load_text(...).blocks(tokenizer, "calibration", ...)``).
         config: budget, optimiser and regulariser.
         out: a folder for checkpoints and ``train_log.csv``; when it holds a checkpoint of the
             same settings, training resumes from it. None: no checkpoints, no log file.
         teacher: the distillation teacher; default (with ``config.distill > 0``) a frozen copy
-            of ``model`` as it is on entry (on a resumed run: as it was at the fresh start is
-            not kept, so pass the original model explicitly to distill after resuming).
+            of ``model`` as it is on entry, taken before a checkpoint is loaded (so resuming
+            with the original model keeps the same teacher); for a moefied model the copy runs
+            every expert (the dense FFN, exactly).
         pause_after: stop (with a checkpoint) once this many steps are done in total, as an
             interruption would, without changing the schedule the budget sets; call again with
             the same ``out`` to continue (``stopped_by`` is then ``"paused"``).
@@ -246,6 +241,9 @@ def finetune(
     Example:
         >>> relufy_(model)
         >>> finetune(model, blocks, FinetuneConfig(minutes=15, reg="prosparse"), out="runs/relu")
+        >>> moe = moefy.load_model("runs/moe-routed")[0]  # MoE-aware: routers in the loop
+        >>> set_routing(moe, "topk", fraction=0.25)
+        >>> finetune(moe, blocks, FinetuneConfig(minutes=15, reg="none", efficiency=0.1))
     """
     from tqdm.auto import tqdm
 
@@ -258,6 +256,16 @@ def finetune(
     shard = data.shard(rank, world)
     folder = None if out is None else Path(out)
     state = None if folder is None else _load_checkpoint(folder, config)
+    routed_model = bool(moe_layers(model))
+    if config.efficiency > 0 and not routed_model:
+        raise MoefyError(
+            "the efficiency term applies to moefied models (moefy convert, then train-routers); "
+            "this model has dense FFNs: use --reg for neuron sparsity"
+        )
+    if config.distill > 0 and teacher is None:  # the model as it is on entry, before a resume
+        teacher = all_experts_teacher(model) if routed_model else copy.deepcopy(model)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = tokens = 0
@@ -272,12 +280,11 @@ def finetune(
     else:
         torch.manual_seed(config.seed)
     resumed_from = steps
-    if config.distill > 0 and teacher is None:
-        teacher = copy.deepcopy(model)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
     device = next(model.parameters()).device
-    tap = _ActivationTap(model)
+    acts: list[torch.Tensor] = []  # FFN activation outputs of the current forward
+    hooks = contextlib.ExitStack()
+    hooks.enter_context(hook_activations(model, acts.append))
+    routed = hooks.enter_context(RoutedTraining(model)) if routed_model else None
     history: list[dict[str, float]] = []
     pending: list[dict[str, float]] = []
     was_training = model.training
@@ -323,8 +330,9 @@ def finetune(
                 group["lr"] = lr
             reg_weight = weight_at(config.reg, share, config.reg_weight, config.reg_stages)
             optimizer.zero_grad(set_to_none=True)
-            # [loss, lm loss, reg, distill kl, zeros, activations, micro-batches]
-            sums = torch.zeros(7, dtype=torch.float64)
+            # [loss, lm loss, reg, distill kl, router loss, efficiency, zeros, activations,
+            #  experts run, expert slots, micro-batches]
+            sums = torch.zeros(11, dtype=torch.float64)
             for _ in range(config.grad_accum):
                 ids = shard.input_ids[order.take(config.batch_size)].to(device)  # (B, T)
                 out_ = model(input_ids=ids, use_cache=False)
@@ -332,12 +340,18 @@ def finetune(
                 lm_loss = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
                 )
-                acts = tap.take()
                 loss = lm_loss
                 reg = torch.zeros((), device=device)
                 if config.reg != "none":
                     reg = penalty(config.reg, acts)
                     loss = loss + reg_weight * reg
+                r_loss = efficiency = torch.zeros((), device=device)
+                ran = slots = 0
+                if routed is not None:
+                    records = routed.take()
+                    r_loss, efficiency = router_loss(records), efficiency_penalty(records)
+                    loss = loss + config.router_loss * r_loss + config.efficiency * efficiency
+                    ran, slots = active_share(records)
                 kl = torch.zeros((), device=device)
                 if config.distill > 0 and teacher is not None:
                     with torch.no_grad():
@@ -348,8 +362,10 @@ def finetune(
                 with torch.no_grad():
                     zeros = sum(int((a == 0).sum()) for a in acts)
                     entries = sum(a.numel() for a in acts)
+                acts.clear()
+                terms = (loss, lm_loss, reg, kl, r_loss, efficiency)
                 sums += torch.tensor(
-                    [float(t.detach()) for t in (loss, lm_loss, reg, kl)] + [zeros, entries, 1.0],
+                    [float(t.detach()) for t in terms] + [zeros, entries, ran, slots, 1.0],
                     dtype=torch.float64,
                 )
                 tokens += ids.numel() * world
@@ -367,7 +383,7 @@ def finetune(
                 seconds /= world
             if steps % config.log_every == 0 or _stopped_by(config, steps, tokens, seconds):
                 all_reduce_sum_(sums)
-                n = float(sums[6])
+                n = float(sums[10])
                 row = {
                     "step": steps,
                     "tokens": tokens,
@@ -378,13 +394,17 @@ def finetune(
                     "reg_weight": reg_weight,
                     "reg": float(sums[2]) / n,
                     "distill_kl": float(sums[3]) / n,
-                    "exact_zero": float(sums[4]) / max(float(sums[5]), 1.0),
+                    "exact_zero": float(sums[6]) / max(float(sums[7]), 1.0),
+                    "router_loss": float(sums[4]) / n,
+                    "efficiency": float(sums[5]) / n,
+                    "active_experts": float(sums[8]) / float(sums[9]) if sums[9] else float("nan"),
                 }
                 history.append(row)
                 pending.append(row)
-                bar.set_postfix(
-                    loss=f"{row['lm_loss']:.3f}", zeros=f"{row['exact_zero']:.1%}", step=steps
-                )
+                shown = {"loss": f"{row['lm_loss']:.3f}", "zeros": f"{row['exact_zero']:.1%}"}
+                if routed is not None:
+                    shown["experts"] = f"{row['active_experts']:.1%}"
+                bar.set_postfix(**shown, step=steps)
             bar.n = min(100.0, 100.0 * _progress(config, steps, tokens, seconds))
             bar.refresh()
             stopped = _stopped_by(config, steps, tokens, seconds)
@@ -394,7 +414,7 @@ def finetune(
                 checkpoint()
         checkpoint()
     finally:
-        tap.close()
+        hooks.close()
         bar.close()
         model.train(was_training)
     return FinetuneReport(

@@ -2,7 +2,11 @@
 
 - :func:`expert_ffn`: the selected experts of an expert-major MoE FFN (batch 1 and small
   batches, reading each selected expert's weights once for all tokens that chose it);
-- :func:`threshold_linear`: a linear layer that skips the weight rows of dropped inputs (TEAL).
+- :func:`threshold_linear`: a linear layer that skips the weight rows of dropped inputs (TEAL);
+- :func:`threshold_gate_up`: the gate and up projections of one input under one threshold.
+
+Triton kernels (``moefy[triton]``) run the same calls on CUDA tensors; triton is imported only
+when they run.
 
 The backend (auto / reference / cpu / triton) comes from ``MOEFY_KERNELS`` or
 :func:`set_backend`; the C++ library is built on first use and cached (see
@@ -24,6 +28,7 @@ from moefy.kernels.ops import (
     SMALL_BATCH_MAX,
     expert_ffn,
     expert_ffn_activation,
+    threshold_gate_up,
     threshold_linear,
     threshold_linear_ready,
 )
@@ -40,6 +45,7 @@ __all__ = [
     "get_backend",
     "parse_backend",
     "set_backend",
+    "threshold_gate_up",
     "threshold_linear",
     "threshold_linear_ready",
     "transposed_weight",

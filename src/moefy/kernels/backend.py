@@ -1,10 +1,12 @@
 """Which implementation the kernels run: the backend switch.
 
 ``auto`` takes the C++ kernels for CPU tensors when they build here and torch otherwise (saying
-so once, in one warning line); ``reference`` always takes plain torch; ``cpu`` insists on the C++
-kernels and fails with a clear message when they cannot be built; ``triton`` needs a CUDA GPU
-and the triton package. The default comes from ``MOEFY_KERNELS`` (else ``auto``); change it with
-:func:`set_backend` or, for a block of code, :func:`use_backend`.
+so once, in one warning line), and the Triton kernels for CUDA tensors when triton is installed
+(torch otherwise); ``reference`` always takes plain torch; ``cpu`` insists on the C++ kernels and
+fails with a clear message when they cannot be built; ``triton`` needs the triton package and
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+The default comes from ``MOEFY_KERNELS`` (else ``auto``); change it with :func:`set_backend` or,
+for a block of code, :func:`use_backend`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from moefy.errors import MoefyError
 from moefy.kernels.build import KernelBuildError, load_extension
 
 BACKEND_ENV = "MOEFY_KERNELS"
+INTERPRET_ENV = "TRITON_INTERPRET"  # triton's own switch: "1" runs kernels on CPU tensors
 
 
 class Backend(str, enum.Enum):
@@ -106,20 +109,28 @@ def check_available(backend: Backend) -> None:
             f"the cpu kernels cannot run here ({_state['error']}); install a C++ compiler and "
             "ninja, or choose the reference backend"
         )
-    if backend is Backend.TRITON:
-        if not triton_available():
-            raise MoefyError(
-                "the triton backend needs a CUDA GPU and the triton package; choose cpu or "
-                "reference on this machine"
-            )
+    if backend is Backend.TRITON and not (triton_available() or triton_interpreting()):
         raise MoefyError(
-            "triton kernels are not written yet; choose reference to run torch on the GPU"
+            "the triton backend needs a CUDA GPU and the triton package (pip install "
+            f"'moefy[triton]'; {INTERPRET_ENV}=1 interprets it on CPU tensors); choose cpu or "
+            "reference on this machine"
         )
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the triton package can be imported (it is not imported here; asked once)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def triton_available() -> bool:
     """Whether a CUDA GPU and the triton package are present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return torch.cuda.is_available() and triton_installed()
+
+
+def triton_interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set and triton is installed: kernels on CPU tensors."""
+    return os.environ.get(INTERPRET_ENV) == "1" and triton_installed()
 
 
 def cpu_extension() -> ModuleType | None:
@@ -133,17 +144,26 @@ def cpu_extension() -> ModuleType | None:
 
 
 def resolve(device: torch.device) -> Backend:
-    """The concrete backend (reference or cpu) that runs a kernel on ``device`` now.
+    """The concrete backend (reference, cpu or triton) that runs a kernel on ``device`` now.
 
-    ``auto`` without a working build warns once (one line) and answers reference.
+    ``auto`` takes triton for CUDA tensors when it is installed and torch otherwise; on CPU
+    tensors, without a working build, it warns once (one line) and answers reference.
     """
     backend = get_backend()
     if backend is Backend.CPU and device.type != "cpu":
         raise MoefyError(f"the cpu backend runs CPU tensors, not {device.type}; choose auto")
-    if backend is Backend.REFERENCE or device.type != "cpu":
-        return Backend.REFERENCE
     if backend is Backend.TRITON:
         check_available(backend)
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return Backend.TRITON
+        raise MoefyError(
+            f"the triton backend runs CUDA tensors, not {device.type} ones ({INTERPRET_ENV}=1 "
+            "interprets it on CPU tensors); move the model to cuda or choose auto"
+        )
+    if backend is Backend.AUTO and device.type == "cuda" and triton_available():
+        return Backend.TRITON
+    if backend is Backend.REFERENCE or device.type != "cpu":
+        return Backend.REFERENCE
     if cpu_extension() is not None:
         return Backend.CPU
     if backend is Backend.CPU:

@@ -57,3 +57,17 @@ def threshold_linear(
     """(N, O) linear output skipping dropped inputs; see :func:`reference.threshold_linear`."""
     threshold = threshold.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
     return _extension().threshold_linear(x.contiguous(), weight_t, bias, threshold, zeros_out)
+
+
+def threshold_gate_up(
+    x: torch.Tensor,
+    gate_t: torch.Tensor,
+    up_t: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    zeros_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up outputs as two C++ calls; see :func:`reference.threshold_gate_up`."""
+    gate = threshold_linear(x, gate_t, gate_bias, threshold, zeros_out)
+    return gate, threshold_linear(x, up_t, up_bias, threshold)

@@ -6,11 +6,17 @@ Shape legend:
 
 Model code asks the ``*_activation`` / ``*_ready`` helpers whether a call should take the C++
 kernel (small batch, float32 CPU tensors, no gradient needed, a known activation) and keeps its
-own torch path otherwise; tests and benchmarks call :func:`expert_ffn` and
-:func:`threshold_linear` directly with an explicit ``backend``.
+own torch path otherwise; tests and benchmarks call :func:`expert_ffn`,
+:func:`threshold_linear` and :func:`threshold_gate_up` directly with an explicit ``backend``.
+
+The Triton kernels take 1..SMALL_BATCH_MAX tokens of float16 / bfloat16 / float32 with
+contiguous weights of the tokens' dtype and no gradient wanted; other calls under the triton
+backend run the reference twin (torch on the same device), as unfit calls do under cpu.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -24,6 +30,27 @@ from moefy.kernels.layout import is_all_zero
 # beyond it a batch is compute-bound and torch's GEMMs win (../shared/PERF.md).
 SMALL_BATCH_MAX = 16
 _IMPLEMENTATIONS = {Backend.REFERENCE: reference, Backend.CPU: cpu}
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _implementation(backend: Backend) -> ModuleType:
+    if backend is Backend.TRITON:
+        from moefy.kernels import triton_kernels  # imports triton: only when it runs
+
+        return triton_kernels
+    return _IMPLEMENTATIONS[backend]
+
+
+def _triton_fits(x: torch.Tensor, *weights: torch.Tensor, extras=()) -> bool:
+    """Tokens and weights the Triton kernels take (see the module docstring)."""
+    if not 0 < x.shape[0] <= SMALL_BATCH_MAX or x.dtype not in _TRITON_DTYPES:
+        return False
+    if any(w.dtype != x.dtype or not w.is_contiguous() for w in weights):
+        return False
+    present = [t for t in (x, *weights, *extras) if t is not None]
+    if any(t.device != x.device for t in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
 
 def _concrete(backend: str | Backend | None, device: torch.device) -> Backend:
@@ -78,7 +105,9 @@ def expert_ffn(
     fits = _cpu_tensors(x, w_in, w_out, b_in, b_out) and w_in.is_contiguous()
     if chosen is Backend.CPU and not (fits and w_out.is_contiguous()):
         chosen = Backend.REFERENCE  # a layout or dtype the C++ kernel does not take
-    return _IMPLEMENTATIONS[chosen].expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated)
+    if chosen is Backend.TRITON and not _triton_fits(x, w_in, w_out, extras=(b_in, b_out, mask)):
+        chosen = Backend.REFERENCE
+    return _implementation(chosen).expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated)
 
 
 def threshold_linear(
@@ -109,34 +138,96 @@ def threshold_linear(
     chosen = _concrete(backend, x.device)
     if chosen is Backend.CPU and not (_cpu_tensors(x, weight_t, bias) and weight_t.is_contiguous()):
         chosen = Backend.REFERENCE
-    return _IMPLEMENTATIONS[chosen].threshold_linear(x, weight_t, bias, threshold, zeros_out)
+    if chosen is Backend.TRITON and not _triton_fits(x, weight_t, extras=(bias,)):
+        chosen = Backend.REFERENCE
+    return _implementation(chosen).threshold_linear(x, weight_t, bias, threshold, zeros_out)
+
+
+def threshold_gate_up(
+    x: torch.Tensor,
+    gate_t: torch.Tensor,
+    up_t: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    zeros_out: torch.Tensor | None = None,
+    *,
+    backend: str | Backend | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up projections of one input, skipping the rows of its dropped entries.
+
+    Triton reads x once for both (one launch, two outputs); cpu runs two C++ calls.
+
+    Args:
+        x: (N, I) inputs.
+        gate_t, up_t: (I, F) the gate and up weights transposed.
+        gate_bias, up_bias: (F,) or None.
+        threshold: () or (I,), shared by both.
+        zeros_out: int64 scalar that gains the count of zero inputs after dropping, or None.
+        backend: auto / reference / cpu / triton; default the one in force.
+
+    Returns:
+        (gate, up), each (N, F).
+
+    Example:
+        >>> gate, up = threshold_gate_up(x, g_t, u_t, None, None, torch.tensor(0.2))
+    """
+    chosen = _concrete(backend, x.device)
+    weights = (gate_t, up_t)
+    cpu_fits = _cpu_tensors(x, *weights, gate_bias, up_bias) and all(
+        w.is_contiguous() for w in weights
+    )
+    if chosen is Backend.CPU and not cpu_fits:
+        chosen = Backend.REFERENCE
+    fits = gate_t.shape == up_t.shape and _triton_fits(x, *weights, extras=(gate_bias, up_bias))
+    if chosen is Backend.TRITON and not fits:
+        chosen = Backend.REFERENCE
+    return _implementation(chosen).threshold_gate_up(
+        x, gate_t, up_t, gate_bias, up_bias, threshold, zeros_out
+    )
 
 
 def expert_ffn_activation(
     x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, act: nn.Module
 ) -> str | None:
-    """The activation name to pass to :func:`expert_ffn` when this call should take the C++
-    kernel under the backend in force; None when the caller's torch path should run.
+    """The activation name to pass to :func:`expert_ffn` when this call should take a kernel
+    (C++ for CPU tensors, Triton for CUDA ones) under the backend in force; None when the
+    caller's torch path should run.
 
     Args:
         x: (N, D) tokens; N must be 1..SMALL_BATCH_MAX.
-        w_in, w_out: the expert weights (float32, contiguous, on the CPU).
+        w_in, w_out: the expert weights (contiguous; float32 on the CPU, fp32/fp16/bf16 like
+            ``x`` for Triton).
         act: the FFN's activation module (SiLU, GELU, ReLU; others run in torch).
     """
-    if not 0 < x.shape[0] <= SMALL_BATCH_MAX or not _cpu_tensors(x, w_in, w_out):
+    if not 0 < x.shape[0] <= SMALL_BATCH_MAX:
         return None
-    if not (w_in.is_contiguous() and w_out.is_contiguous()):
-        return None
-    if resolve(x.device) is not Backend.CPU:
+    if not _kernel_fits(resolve(x.device), x, w_in, w_out):
         return None
     return activation_name(act)
 
 
+def _kernel_fits(
+    chosen: Backend, x: torch.Tensor, *weights: torch.Tensor, contiguous: bool = True
+) -> bool:
+    """Whether the kernel of ``chosen`` (cpu or triton; not reference) takes these tensors
+    (``contiguous=False``: the C++ kernel reads a contiguous copy, any layout will do)."""
+    if chosen is Backend.CPU:
+        return _cpu_tensors(x, *weights) and (
+            not contiguous or all(w.is_contiguous() for w in weights)
+        )
+    return chosen is Backend.TRITON and _triton_fits(x, *weights)
+
+
 def threshold_linear_ready(x: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor) -> bool:
-    """Whether a threshold linear on ``x`` (N, I) should take the C++ kernel now.
+    """Whether a threshold linear on ``x`` (N, I) should take a kernel now (C++ for CPU
+    tensors, Triton for CUDA ones, under the backend in force).
 
     A threshold of zero everywhere keeps the caller's dense path, which is then exact.
     """
-    if not 0 < x.shape[0] <= SMALL_BATCH_MAX or not _cpu_tensors(x, weight):
+    if not 0 < x.shape[0] <= SMALL_BATCH_MAX:
         return False
-    return resolve(x.device) is Backend.CPU and not is_all_zero(threshold)
+    # the weight's dtype and device decide (the kernels read its cached transposed copy)
+    if not _kernel_fits(resolve(x.device), x, weight, contiguous=False):
+        return False
+    return not is_all_zero(threshold)

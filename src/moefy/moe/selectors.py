@@ -104,6 +104,8 @@ class ExpertSelector(nn.Module):
 
     # True when scores come from every expert's activations (see OracleSelector).
     scores_from_expert_hidden = False
+    # True when scores are predicted log norms that training can fit (learned routers).
+    trainable: ClassVar[bool] = False
 
     def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
         """(N, D) tokens -> (N, E) expert scores, higher runs first."""
@@ -113,7 +115,11 @@ class ExpertSelector(nn.Module):
         """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
         if self.selects_all():  # every expert runs; no need to score them
             return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
-        return self.topk_mask(self.scores(x, moe))
+        return self.mask_from_scores(self.scores(x, moe))
+
+    def mask_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N, E) scores -> (N, E) boolean mask of the experts this selector's setting keeps."""
+        return self.topk_mask(scores)
 
     def selects_all(self) -> bool:
         """True when every expert runs for every token."""
@@ -274,6 +280,10 @@ class RuleSelector(ExpertSelector):
             return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
         with torch.no_grad():
             scores = self.scores(x, moe)  # (N, E)
+        return self.mask_from_scores(scores)
+
+    def mask_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N, E) scores (masses) -> (N, E) mask by this selector's rule."""
         return SELECTION_RULES[self.rule](self, scores)
 
     def to_dict(self) -> dict[str, Any]:

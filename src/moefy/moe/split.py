@@ -249,8 +249,9 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) 
     """
     N, K = points.shape
     if K > SEEDING_DIM:
+        # drawn on the CPU generator (the same projection on every device), then moved
         projection = torch.randn(K, SEEDING_DIM, generator=generator, dtype=points.dtype)
-        points = Fn.normalize(points @ projection, dim=1)  # (N, SEEDING_DIM)
+        points = Fn.normalize(points @ projection.to(points.device), dim=1)  # (N, SEEDING_DIM)
     first = int(torch.randint(N, (1,), generator=generator))
     chosen = [first]
     distance = (1.0 - points @ points[first]).clamp_min(0.0)  # (N,)
@@ -259,7 +260,8 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) 
         if float(weights.sum()) <= 0.0:  # fewer distinct points than clusters
             index = int(torch.randint(N, (1,), generator=generator))
         else:
-            index = int(torch.multinomial(weights, 1, generator=generator))
+            # a seeded draw needs the CPU generator: N weights to the host, k times in all
+            index = int(torch.multinomial(weights.cpu(), 1, generator=generator))
         chosen.append(index)
         distance = torch.minimum(distance, (1.0 - points @ points[index]).clamp_min(0.0))
     return torch.tensor(chosen)
@@ -300,7 +302,7 @@ def balanced_kmeans(
     X = Fn.normalize(points.detach().float(), dim=1)  # (N, K)
     generator = torch.Generator().manual_seed(seed)
     centroids = X[_kmeans_plus_plus(X, E, generator)]  # (E, K)
-    col = torch.zeros(E)
+    col = torch.zeros(E, device=X.device)
     labels = None
     for step in range(iterations):
         similarity = X @ centroids.T  # (N, E)
@@ -428,7 +430,8 @@ def coactivation_partition(
     :func:`coactivation_affinity`): complete up to ``EDGE_BUDGET`` edges, else each neuron's
     strongest neighbours, symmetrised; then :func:`rebalance` for exact sizes.
     Without pymetis it falls back to :func:`balanced_kmeans` on the affinity rows (neurons with
-    similar co-activation patterns go together).
+    similar co-activation patterns go together). The partition runs on the CPU: METIS is a CPU
+    library and the counts come from a profile on disk.
 
     Args:
         coactivation: (F, F) co-activation counts.
@@ -438,8 +441,8 @@ def coactivation_partition(
     Returns:
         (F,) int64 expert of each neuron.
     """
-    affinity = coactivation_affinity(coactivation)
-    capacities = capacities.long()
+    affinity = coactivation_affinity(coactivation.cpu())
+    capacities = capacities.long().cpu()
     if int(capacities.sum()) != affinity.shape[0]:
         raise MoefyError(
             f"capacities sum to {int(capacities.sum())}, co-activation has {affinity.shape[0]} rows"

@@ -12,6 +12,10 @@ router is then fitted with a loss of :data:`ROUTER_LOSSES` (default ``listwise``
 share of each expert in the token's total norm against the true share), and the last
 ``holdout_fraction`` of the text gives the report.
 
+Targets are computed and stored in float32 whatever the model dtype. Seeded draws (reservoir slots,
+shuffles) come from CPU generators, so a run gives the same sample on every device; only the
+drawn indices travel to the model's device.
+
 Under ``torch.distributed`` each rank collects its shard of the blocks; the samples of layer i
 are gathered on rank ``i % world``, which trains that layer alone, and the routers are then
 broadcast. Layers train in parallel, and every rank ends with the routers (and report) that
@@ -32,7 +36,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from moefy.data.blocks import TokenBlocks
-from moefy.dist import all_reduce_sum_, rank_and_world
+from moefy.dist import all_reduce_sum_, broadcast_, rank_and_world
 from moefy.errors import MoefyError
 from moefy.moe.flops import ffn_flops_per_token
 from moefy.moe.module import MoEFFN
@@ -95,8 +99,8 @@ class _Reservoir:
         """Add (N, D) inputs, (N, E) targets and (N,) positions (Algorithm R, vectorised)."""
         capacity, n = self.inputs.shape[0], x.shape[0]
         if positions is None:
-            positions = torch.arange(self.seen, self.seen + n)
-        positions = positions.to(self.positions.device)
+            positions = torch.arange(self.seen, self.seen + n, device=self.positions.device)
+        positions = positions.to(self.positions.device)  # no copy when already there
         free = max(0, min(n, capacity - self.seen))
         if free:
             self.inputs[self.seen : self.seen + free] = x[:free].to(self.inputs.dtype)
@@ -137,10 +141,13 @@ class _Collector:
 
     def _hook(self, moe: MoEFFN, args: tuple, reservoir: _Reservoir) -> None:
         x = args[0].reshape(-1, moe.d_model)  # (N, D)
-        log_norms = moe.expert_norms(x).float().clamp_min(LOG_NORM_FLOOR).log()  # (N, E)
+        # the targets in float32 even for a bf16 / fp16 model
+        norms = moe.expert_norms(x, dtype=torch.float32)  # (N, E)
+        log_norms = norms.clamp_min(LOG_NORM_FLOOR).log()
         reservoir.add(x, log_norms, self.gen, self.positions)
         if self.dense:
-            moe.select_next(torch.ones(x.shape[0], moe.num_experts, dtype=torch.bool))
+            every = torch.ones(x.shape[0], moe.num_experts, dtype=torch.bool, device=x.device)
+            moe.select_next(every)
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
@@ -199,12 +206,15 @@ def _collect(
                 disable=not show,
             )
             done = 0
+            offsets = torch.arange(block_len, device=device)  # (T,)
             for input_ids in batches:
                 # local block j of rank r is block r + j * world of the whole text
-                blocks = rank + world * torch.arange(done, done + input_ids.shape[0])
-                collector.positions = (
-                    blocks.unsqueeze(1) * block_len + torch.arange(block_len)
-                ).reshape(-1)  # (B*T,)
+                blocks = rank + world * torch.arange(
+                    done, done + input_ids.shape[0], device=device
+                )  # (B,)
+                collector.positions = (blocks.unsqueeze(1) * block_len + offsets).reshape(
+                    -1
+                )  # (B*T,)
                 trunk(input_ids=input_ids.to(device), use_cache=False)
                 done += input_ids.shape[0]
     finally:
@@ -254,10 +264,9 @@ def _gather_to(
     return inputs[order], targets[order]
 
 
-def _topk_metrics(
-    scores: torch.Tensor, log_norms: torch.Tensor, k: int
-) -> tuple[float, float, float]:
-    """Sums over tokens of (recall of the true top-k, norm share of chosen, of true top-k).
+def _topk_metrics(scores: torch.Tensor, log_norms: torch.Tensor, k: int) -> torch.Tensor:
+    """(3,) float64 sums over tokens of (recall of the true top-k, norm share of chosen, of true
+    top-k), on the device of ``scores`` (no host sync per batch).
 
     Args:
         scores: (N, E) router scores.
@@ -272,23 +281,21 @@ def _topk_metrics(
     share = norms.gather(1, chosen).sum(-1) / total
     oracle_share = norms.gather(1, best).sum(-1) / total
     recall = hit.float().sum(-1) / k
-    return float(recall.sum()), float(share.sum()), float(oracle_share.sum())
+    return torch.stack([recall.sum(), share.sum(), oracle_share.sum()]).double()
 
 
 def _holdout_metrics(
     router: Router, inputs: torch.Tensor, log_norms: torch.Tensor, k: int, batch: int
 ) -> tuple[float, float, float]:
     """Mean (recall, norm share, oracle norm share) over held-out tokens."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=inputs.device)
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch):
             scores = router.scores(inputs[start : start + batch])
-            sums += torch.tensor(
-                _topk_metrics(scores.float(), log_norms[start : start + batch], k),
-                dtype=torch.float64,
-            )
+            sums += _topk_metrics(scores.float(), log_norms[start : start + batch], k)
     n = max(1, inputs.shape[0])
-    return float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n
+    recall, share, oracle_share = (sums / n).tolist()  # the final figures, to the host once
+    return recall, share, oracle_share
 
 
 def _fit(
@@ -312,22 +319,24 @@ def _fit(
         router.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps * config.epochs)
-    epoch_loss = 0.0
+    epoch_loss = torch.zeros((), dtype=torch.float64, device=inputs.device)
     router.train()
     for _ in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
-        epoch_loss = 0.0
+        # drawn on the CPU (the same order on every device), moved once per epoch
+        order = torch.randperm(n, generator=gen).to(inputs.device)
+        epoch_loss.zero_()
         for step in range(steps):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = inputs[index.to(inputs.device)], targets[index.to(targets.device)]
+            x, y = inputs[index], targets[index]
             loss = loss_fn(router.predict_log_norms(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            epoch_loss += float(loss.detach())
+            epoch_loss += loss.detach()  # summed on the device: no host sync per step
+    optimizer.zero_grad(set_to_none=True)  # leave no stale gradients on the model
     router.eval()
-    return epoch_loss / steps
+    return float(epoch_loss) / steps
 
 
 def train_routers(
@@ -427,7 +436,7 @@ def train_routers(
             with torch.no_grad():
                 for tensor in router.state_dict().values():
                     dist.broadcast(tensor, src=i % world)
-            dist.broadcast(figure, src=i % world)
+            broadcast_(figure, src=i % world)
 
     reports = []
     for moe, router, figure in zip(layers, routers, figures, strict=True):

@@ -159,8 +159,8 @@ class ThresholdLinear(_InputSparseLinear):
         tokens = x.reshape(-1, self.in_features)  # (N, I)
         if not kernels.threshold_linear_ready(tokens, self.base_layer.weight, self.threshold):
             return super().forward(x)  # the masked path (the reference)
-        # Decode-sized batch on the CPU: a kernel that skips the weight rows of dropped inputs
-        # and counts them into zeros_seen itself (fewer small ops per decode step).
+        # Decode-sized batch: a kernel (C++ on the CPU, Triton on CUDA) that skips the weight
+        # rows of dropped inputs and counts them into zeros_seen itself.
         weight_t = kernels.transposed_weight(self.base_layer)  # (I, O)
         out = kernels.threshold_linear(
             tokens,
@@ -168,7 +168,6 @@ class ThresholdLinear(_InputSparseLinear):
             self.bias,
             self.threshold,
             self.zeros_seen,
-            backend=kernels.Backend.CPU,
         )
         self.entries_seen += tokens.numel()
         self.tokens_seen += tokens.shape[0]

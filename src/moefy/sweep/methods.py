@@ -34,6 +34,7 @@ class SweepContext:
         moe: folder of a moefied model (``moefy convert``), or None to split on the fly.
         routed: folder of a moefied model with trained routers (``moefy train-routers``).
         experts: experts per layer when the sweep splits on the fly.
+        device, dtype: where every model is loaded, and its weight dtype.
         cache: moefied models built on the fly, by folder, so each is built once.
         calibrations: each threshold method's calibration statistics, reused across its levels
             (the dense pass runs once; the greedy search once for the sparsest level first).
@@ -44,6 +45,8 @@ class SweepContext:
     moe: str | None = None
     routed: str | None = None
     experts: int = 64
+    device: Any = "cpu"
+    dtype: Any = "fp32"
     cache: dict[str, Any] | None = None
     calibrations: dict[str, Any] = field(default_factory=dict)
 
@@ -51,7 +54,7 @@ class SweepContext:
         """A fresh copy of the dense model."""
         from moefy.models.load import load_model
 
-        return load_model(self.model)[0]
+        return load_model(self.model, dtype=self.dtype, device=self.device)[0]
 
     def load_moe(self) -> nn.Module:
         """A fresh moefied model: from ``moe`` (or ``routed``), or split now with ``params``."""
@@ -59,7 +62,7 @@ class SweepContext:
 
         folder = self.moe or self.routed
         if folder is not None:
-            return load_model(folder)[0]
+            return load_model(folder, dtype=self.dtype, device=self.device)[0]
         return self._split_on_the_fly()
 
     def _split_on_the_fly(self) -> nn.Module:
@@ -83,7 +86,7 @@ class SweepContext:
                 "router methods need a model with trained routers: pass --routed (a folder made "
                 "by moefy train-routers)"
             )
-        return load_model(self.routed)[0]
+        return load_model(self.routed, dtype=self.dtype, device=self.device)[0]
 
 
 @dataclass(frozen=True)

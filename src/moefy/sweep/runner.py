@@ -39,6 +39,11 @@ class SweepConfig:
         routed: folder of a moefied model with trained routers.
         profile: a profile folder whose plots go into the report, or None.
         experts: experts per layer for an on-the-fly split.
+        device: where every model runs (``auto``: CUDA when present, else the CPU; ``cpu``,
+            ``cuda``; see :func:`moefy.device.resolve_device`).
+        dtype: dtype of every model's weights (``auto``, ``fp32``, ``bf16``, ``fp16``; ``auto``
+            is bf16 on CUDA, fp32 on the CPU). A device or dtype other than the defaults is part
+            of the cache key.
     """
 
     model: str = "smollm2-135m"
@@ -51,8 +56,11 @@ class SweepConfig:
     routed: str | None = None
     profile: str | None = None
     experts: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self.resolved()  # a one-line error for an unknown device or dtype, or CUDA without one
         if not self.methods:
             raise MoefyError("a sweep needs at least one method")
         for name in self.methods:
@@ -84,6 +92,12 @@ class SweepConfig:
                 levels = method.default_levels
             pairs.extend((name, float(level)) for level in levels)
         return pairs
+
+    def resolved(self) -> tuple[Any, Any]:
+        """``(torch.device, torch.dtype)`` of :attr:`device` and :attr:`dtype` on this machine."""
+        from moefy.device import resolve
+
+        return resolve(self.device, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -123,6 +137,14 @@ def _key_parts(config: SweepConfig, method: str, level: float | None) -> dict[st
         parts["moe"] = folder_stamp(config.moe)
         parts["routed"] = folder_stamp(config.routed)
         parts["experts"] = config.experts if config.moe is None else None
+    from moefy.device import dtype_name
+
+    device, dtype = config.resolved()
+    # added only when not the defaults, so caches written before devices existed stay valid
+    if device.type != "cpu":
+        parts["device"] = device.type
+    if dtype_name(dtype) != "fp32":
+        parts["dtype"] = dtype_name(dtype)
     return parts
 
 
@@ -171,7 +193,8 @@ def sweep(
     computed = len(todo)
     main = dist.is_main_process()
     if todo:
-        dense, tokenizer = load_model(config.model)
+        device, dtype = config.resolved()
+        dense, tokenizer = load_model(config.model, dtype=dtype, device=device)
         blocks = evaluation_blocks(tokenizer, config.eval)
         needs_calibration = any(get_method(m).family in ("threshold", "layers") for m, _ in todo)
         calibration = (
@@ -206,6 +229,8 @@ def sweep(
             moe=config.moe,
             routed=config.routed,
             experts=config.experts,
+            device=device,
+            dtype=dtype,
         )
         for method, level in _calibration_order(todo):
             start = time.perf_counter()
@@ -273,9 +298,7 @@ def _record(
     prepare_seconds: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from moefy.sweep.methods import get_method as _get
-
-    spec = _get(method)
+    spec = get_method(method)
     row = {
         "method": method,
         "family": spec.family,
