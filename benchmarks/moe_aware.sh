@@ -6,15 +6,18 @@
 # Needs a routed folder (moefy train-routers), by default the ReLU-trained one that
 #   bash benchmarks/relu_moefication.sh runs/relu
 # makes. Run: bash benchmarks/moe_aware.sh [routed-folder] [dense-model]
+# (EFFICIENCY=0.5 ROUTER_LR=3e-4 OUT=runs/moe-aware gives the first run of the README table)
 set -euo pipefail
 MOEFY=${MOEFY:-.venv/bin/moefy}
 ROUTED=${1:-runs/relu-compare/trained-routed}
 DENSE=${2:-runs/relu}
 OUT=${OUT:-runs/moe-aware}
 TRAIN_TOKENS=${TRAIN_TOKENS:-65536}
-EFFICIENCY=${EFFICIENCY:-0.5}
+EFFICIENCY=${EFFICIENCY:-2}
+ROUTER_LR=${ROUTER_LR:-3e-3}
 "$MOEFY" finetune --model "$ROUTED" --data bbc-news --fraction 0.25 --distill 1 \
-  --efficiency "$EFFICIENCY" --reg none --lr 3e-4 --train-tokens "$TRAIN_TOKENS" \
+  --efficiency "$EFFICIENCY" --router-lr "$ROUTER_LR" --reg none --lr 3e-4 \
+  --train-tokens "$TRAIN_TOKENS" \
   --tokens 262144 --eval-tokens 4096 --checkpoint-every 16 --out "$OUT/trained"
 for name in before after; do
   model=$ROUTED

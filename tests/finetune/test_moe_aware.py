@@ -252,3 +252,17 @@ def test_efficiency_stays_finite_where_relu_experts_output_zero():
     report = finetune(model, _blocks(), config)
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in report.history)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_router_lr_moves_the_routers_not_the_experts():
+    model = _routed(trained=False, fraction=0.25)
+    start = {n: t.clone() for n, t in model.state_dict().items()}
+    config = FinetuneConfig(
+        max_steps=8, lr=1e-7, router_lr=1e-2, warmup_steps=0, batch_size=4, reg="none"
+    )
+    finetune(model, _blocks(), config)
+    moved = {n: float((t - start[n]).abs().max()) for n, t in model.state_dict().items()}
+    assert min(v for n, v in moved.items() if ".selector." in n and "weight" in n) > 1e-3
+    assert max(v for n, v in moved.items() if ".selector." not in n) < 1e-4
+    with pytest.raises(MoefyError, match="router_lr"):
+        FinetuneConfig(max_steps=1, router_lr=0.0)

@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of the routers' fit to the true expert norms (0: routers frozen in place)",
     )
     moe.add_argument(
+        "--router-lr",
+        type=positive_float,
+        default=None,
+        help="peak learning rate of the routers (default: --lr)",
+    )
+    moe.add_argument(
         "--efficiency",
         type=non_negative_float,
         default=0.0,
@@ -161,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         reg_stages=args.reg_stages,
         distill=args.distill,
         router_loss=args.router_loss,
+        router_lr=args.router_lr,
         efficiency=args.efficiency,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,

@@ -38,6 +38,9 @@ class FinetuneConfig(JsonConfig):
             model the teacher runs every expert.
         router_loss: moefied models: weight of the routers' fit to the true expert norms
             (0: routers stay as they are).
+        router_lr: moefied models: peak learning rate of the routers (same schedule), or None
+            for ``lr``; routers are small and start far from the adapted experts' norms, so a
+            larger one (10x) lets them follow.
         efficiency: moefied models: weight of the Hoyer measure of each token's expert norms,
             which pushes its output mass into fewer experts (0: none).
         checkpoint_every: optimiser steps between checkpoints (0: only at the end).
@@ -63,6 +66,7 @@ class FinetuneConfig(JsonConfig):
     reg_stages: int = 4
     distill: float = 0.0
     router_loss: float = 1.0
+    router_lr: float | None = None
     efficiency: float = 0.0
     checkpoint_every: int = 50
     log_every: int = 5
@@ -97,6 +101,10 @@ class FinetuneConfig(JsonConfig):
                 raise MoefyError(f"{name} must be a number >= 0, got {value!r}")
         if not self.lr > 0:
             raise MoefyError(f"lr must be > 0, got {self.lr}")
+        if self.router_lr is not None and (
+            not isinstance(self.router_lr, (int, float)) or not self.router_lr > 0
+        ):
+            raise MoefyError(f"router_lr must be > 0 (or None), got {self.router_lr!r}")
         for name in ("batch_size", "grad_accum", "reg_stages", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

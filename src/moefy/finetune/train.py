@@ -154,6 +154,19 @@ class _Order:
         return out
 
 
+def _param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the routers (MoE selectors) at ``router_lr``, the rest at ``lr``;
+    each group's ``lr_scale`` follows the one schedule."""
+    routers = {id(p) for m in moe_layers(model) for p in m.selector.parameters()}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scale = 1.0 if config.router_lr is None else config.router_lr / config.lr
+    groups = [
+        {"params": [p for _, p in trained if id(p) not in routers], "lr_scale": 1.0},
+        {"params": [p for _, p in trained if id(p) in routers], "lr_scale": scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def _check_data(data: TokenBlocks, config: FinetuneConfig, world: int) -> None:
     if not isinstance(data, TokenBlocks):
         raise MoefyError(f"data must be TokenBlocks (load_text(...).blocks(...)), got {data!r}")
@@ -267,7 +280,9 @@ def finetune(
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay
+    )
     steps = tokens = 0
     seconds = 0.0
     order = _Order(shard.num_blocks, config.seed + rank)
@@ -327,7 +342,7 @@ def finetune(
             share = _progress(config, steps, tokens, seconds)
             lr = _lr_at(config, steps, share)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             reg_weight = weight_at(config.reg, share, config.reg_weight, config.reg_stages)
             optimizer.zero_grad(set_to_none=True)
             # [loss, lm loss, reg, distill kl, router loss, efficiency, zeros, activations,
