@@ -16,6 +16,7 @@ from moefy.finetune.moe_aware import (
     RoutedTraining,
     all_experts_teacher,
     efficiency_penalty,
+    router_hits,
     router_loss,
 )
 from moefy.moe import MoEfyConfig, moe_layers, moefy_
@@ -143,6 +144,7 @@ def test_router_in_the_loop_learns_to_find_the_experts():
     report = finetune(model, data, config)
     first, last = report.history[0], report.history[-1]
     assert last["router_loss"] < first["router_loss"] - 0.05
+    assert last["router_recall"] > first["router_recall"] + 0.05
     assert last["active_experts"] == pytest.approx(0.25)
     assert last["lm_loss"] < first["lm_loss"]
 
@@ -266,3 +268,13 @@ def test_router_lr_moves_the_routers_not_the_experts():
     assert max(v for n, v in moved.items() if ".selector." not in n) < 1e-4
     with pytest.raises(MoefyError, match="router_lr"):
         FinetuneConfig(max_steps=1, router_lr=0.0)
+
+
+def test_router_hits_count_the_true_best_among_the_chosen():
+    from moefy.moe.module import ExpertTrainingRecord
+
+    norms = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    record = ExpertTrainingRecord(norms, torch.zeros(2, 4), mask)
+    assert router_hits([record]) == (2, 3)  # token 0: 1 of its true top-2; token 1: its best
+    assert router_hits([ExpertTrainingRecord(norms, None, mask)]) == (0, 0)  # no router

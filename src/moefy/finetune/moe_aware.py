@@ -98,6 +98,23 @@ def active_share(records: list[ExpertTrainingRecord]) -> tuple[int, int]:
     return sum(int(r.mask.sum()) for r in records), sum(r.mask.numel() for r in records)
 
 
+def router_hits(records: list[ExpertTrainingRecord]) -> tuple[int, int]:
+    """(selected experts among each token's true best, experts selected) over the records of
+    learned routers: their ratio is the router's recall of the true top-k, k being what it chose
+    per token (top-k or dynamic k). The ListNet loss cannot show this: its floor is the entropy
+    of the true norm shares."""
+    hits = total = 0
+    for r in records:
+        if r.predicted_log_norms is None:
+            continue
+        with torch.no_grad():
+            chosen = r.mask.sum(dim=-1, keepdim=True)  # (N, 1) experts run per token
+            rank = r.norms.argsort(dim=-1, descending=True).argsort(dim=-1)  # (N, E) 0 = best
+            hits += int((r.mask & (rank < chosen)).sum())
+            total += int(chosen.sum())
+    return hits, total
+
+
 def all_experts_teacher(model: nn.Module) -> nn.Module:
     """A frozen copy of a moefied model with every expert running: the dense model, exactly.
 

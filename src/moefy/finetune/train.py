@@ -40,6 +40,7 @@ from moefy.finetune.moe_aware import (
     active_share,
     all_experts_teacher,
     efficiency_penalty,
+    router_hits,
     router_loss,
 )
 from moefy.finetune.regularizers import penalty, weight_at
@@ -63,6 +64,7 @@ LOG_FIELDS = (
     "router_loss",
     "efficiency",
     "active_experts",
+    "router_recall",
 )
 # fields that may change between a run and its resumption (the budget can be extended)
 _RESUMABLE_CHANGES = ("max_steps", "max_tokens", "minutes", "checkpoint_every", "log_every")
@@ -152,6 +154,10 @@ class _Order:
             out.append(self._perm[self.position])
             self.position += 1
         return out
+
+
+def _ratio(part: torch.Tensor, whole: torch.Tensor) -> float:
+    return float(part) / float(whole) if float(whole) else float("nan")
 
 
 def _param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
@@ -346,8 +352,8 @@ def finetune(
             reg_weight = weight_at(config.reg, share, config.reg_weight, config.reg_stages)
             optimizer.zero_grad(set_to_none=True)
             # [loss, lm loss, reg, distill kl, router loss, efficiency, zeros, activations,
-            #  experts run, expert slots, micro-batches]
-            sums = torch.zeros(11, dtype=torch.float64)
+            #  experts run, expert slots, micro-batches, router hits, router choices]
+            sums = torch.zeros(13, dtype=torch.float64)
             for _ in range(config.grad_accum):
                 ids = shard.input_ids[order.take(config.batch_size)].to(device)  # (B, T)
                 out_ = model(input_ids=ids, use_cache=False)
@@ -361,12 +367,13 @@ def finetune(
                     reg = penalty(config.reg, acts)
                     loss = loss + reg_weight * reg
                 r_loss = efficiency = torch.zeros((), device=device)
-                ran = slots = 0
+                ran = slots = hits = choices = 0
                 if routed is not None:
                     records = routed.take()
                     r_loss, efficiency = router_loss(records), efficiency_penalty(records)
                     loss = loss + config.router_loss * r_loss + config.efficiency * efficiency
                     ran, slots = active_share(records)
+                    hits, choices = router_hits(records)
                 kl = torch.zeros((), device=device)
                 if config.distill > 0 and teacher is not None:
                     with torch.no_grad():
@@ -380,7 +387,8 @@ def finetune(
                 acts.clear()
                 terms = (loss, lm_loss, reg, kl, r_loss, efficiency)
                 sums += torch.tensor(
-                    [float(t.detach()) for t in terms] + [zeros, entries, ran, slots, 1.0],
+                    [float(t.detach()) for t in terms]
+                    + [zeros, entries, ran, slots, 1.0, hits, choices],
                     dtype=torch.float64,
                 )
                 tokens += ids.numel() * world
@@ -412,13 +420,15 @@ def finetune(
                     "exact_zero": float(sums[6]) / max(float(sums[7]), 1.0),
                     "router_loss": float(sums[4]) / n,
                     "efficiency": float(sums[5]) / n,
-                    "active_experts": float(sums[8]) / float(sums[9]) if sums[9] else float("nan"),
+                    "active_experts": _ratio(sums[8], sums[9]),
+                    "router_recall": _ratio(sums[11], sums[12]),
                 }
                 history.append(row)
                 pending.append(row)
                 shown = {"loss": f"{row['lm_loss']:.3f}", "zeros": f"{row['exact_zero']:.1%}"}
                 if routed is not None:
                     shown["experts"] = f"{row['active_experts']:.1%}"
+                    shown["recall"] = f"{row['router_recall']:.1%}"
                 bar.set_postfix(**shown, step=steps)
             bar.n = min(100.0, 100.0 * _progress(config, steps, tokens, seconds))
             bar.refresh()
