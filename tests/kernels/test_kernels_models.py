@@ -44,11 +44,47 @@ def test_moefied_model_generates_the_same_tokens(arch, monkeypatch):
     prompt = tiny_inputs(arch, batch=1, seq=6)["input_ids"]
     with use_backend("reference"):
         expected = _generate(model, prompt)
-    calls = _spy(monkeypatch, "expert_ffn")
+    calls = _spy(monkeypatch, "routed_expert_ffn")  # router, top-k and experts in one call
     with use_backend("cpu"):
         got = _generate(model, prompt)
     assert calls["n"] >= NEW_TOKENS  # decode steps ran the C++ kernel
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("router", ["centroid", "linear", "mlp"])
+def test_fused_routing_equals_selector_then_kernel(router, monkeypatch):
+    """Decode through the one-call path (router inside the kernel) gives the logits and the
+    expert tallies of the selector's own forward followed by the expert kernel."""
+    from moefy.moe import moe_layers
+    from moefy.routing.routers import Router
+
+    model = tiny_model("llama")
+    moefy_(model, MoEfyConfig(num_experts=8, method="random"))
+    routers = attach_routers(model, router, fraction=0.375)
+    with torch.no_grad():  # untrained learned routers: give them distinct random weights
+        for i, module in enumerate(routers):
+            gen = torch.Generator().manual_seed(i)
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    prompt = tiny_inputs("llama", batch=1, seq=6)["input_ids"]
+
+    def run():
+        for moe in moe_layers(model):
+            moe.reset_tally()
+        with use_backend("cpu"):
+            tokens = _generate(model, prompt)
+        return tokens, [moe.selection_counts.clone() for moe in moe_layers(model)]
+
+    fused = _spy(monkeypatch, "routed_expert_ffn")
+    got_tokens, got_counts = run()
+    assert fused["n"] >= NEW_TOKENS
+    monkeypatch.setattr(Router, "kernel_route", lambda self: None)
+    plain = _spy(monkeypatch, "expert_ffn")
+    want_tokens, want_counts = run()
+    assert plain["n"] >= NEW_TOKENS
+    assert torch.equal(got_tokens, want_tokens)
+    for got, want in zip(got_counts, want_counts, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_moefied_small_batch_logits_match(monkeypatch):
@@ -58,7 +94,7 @@ def test_moefied_small_batch_logits_match(monkeypatch):
     inputs = tiny_inputs("llama", batch=2, seq=7)  # 14 tokens: the small-batch path
     with torch.no_grad(), use_backend("reference"):
         expected = model(**inputs).logits
-    calls = _spy(monkeypatch, "expert_ffn")
+    calls = _spy(monkeypatch, "routed_expert_ffn")
     with torch.no_grad(), use_backend("cpu"):
         got = model(**inputs).logits
     assert calls["n"] > 0

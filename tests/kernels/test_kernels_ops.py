@@ -149,3 +149,92 @@ def test_threshold_linear_skips_dropped_rows():
     got = threshold_linear(x, weight_t, None, torch.tensor(0.1), backend="cpu")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, 2.0 * weight_t[1:2] - 3.0 * weight_t[3:4])
+
+
+# Routers as linear stacks: (layers' (out, in) widths, biases) for D -> E.
+ROUTER_STACKS = {
+    "centroid": lambda D, E: [(E, D, False)],
+    "linear": lambda D, E: [(E, D, True)],
+    "mlp": lambda D, E: [(11, D, True), (E, 11, True)],
+}
+
+
+def _router(kind, D, E, gen):
+    return [
+        (torch.randn(o, i, generator=gen), torch.randn(o, generator=gen) if bias else None)
+        for o, i, bias in ROUTER_STACKS[kind](D, E)
+    ]
+
+
+def _naive_top_k(logits, k):
+    """Per token: sort (value descending, index ascending), keep the first k."""
+    mask = torch.zeros(logits.shape, dtype=torch.bool)
+    for t, row in enumerate(logits.tolist()):
+        order = sorted(range(len(row)), key=lambda e: (-row[e], e))
+        mask[t, order[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", sorted(ROUTER_STACKS))
+@pytest.mark.parametrize("shape", EXPERT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_routed_expert_ffn_is_router_top_k_then_experts(shape, kind, backend, fp32):
+    from moefy.kernels import routed_expert_ffn
+
+    N, D, E, S, gated = shape
+    gen = torch.Generator().manual_seed(N * 100 + D)
+    x, _, w_in, w_out, b_in, b_out = _expert_case(N, D, E, S, gated, bias=True)
+    layers = _router(kind, D, E, gen)
+    h = x
+    for i, (weight, bias) in enumerate(layers):
+        h = (h.relu() if i else h) @ weight.t() + (0 if bias is None else bias)
+    for k in sorted({1, (E + 1) // 2, E}):
+        mask = _naive_top_k(h, k)
+        counts = torch.full((E,), 3, dtype=torch.long)
+        seen = torch.tensor(5)
+        got = routed_expert_ffn(
+            x, layers, k, counts, seen, w_in, w_out, b_in, b_out, "silu", gated, backend=backend
+        )
+        expected = _naive_expert_ffn(x, mask, w_in, w_out, b_in, b_out, "silu", gated)
+        torch.testing.assert_close(got, expected, **fp32)
+        assert torch.equal(counts, 3 + mask.sum(dim=0)) and int(seen) == 5 + N
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routed_top_k_breaks_ties_to_the_lower_expert_and_ranks_nan_first(backend):
+    from moefy.kernels import routed_expert_ffn
+
+    E, D = 6, 4
+    x = torch.eye(D)[:3]  # token t's logits are the router weight's column t
+    weight = torch.tensor(
+        [
+            [1.0, 0.0, 2.0, 0.0],
+            [1.0, float("nan"), 2.0, 0.0],
+            [1.0, 0.0, 2.0, 0.0],
+            [0.5, 0.0, 2.0, 0.0],
+            [1.0, 0.0, 2.0, 0.0],
+            [0.0, 0.0, 2.0, 0.0],
+        ]
+    )  # (E, D)
+    _, _, w_in, w_out, _, _ = _expert_case(3, D, E, 2, True, bias=False)
+    counts = torch.zeros(E, dtype=torch.long)
+    routed_expert_ffn(
+        x, [(weight, None)], 2, counts, torch.tensor(0), w_in, w_out, None, None, "relu", True,
+        backend=backend,
+    )  # fmt: skip
+    # token 0: ties among experts 0, 1, 2, 4 -> 0, 1; token 1: NaN at expert 1 first, then
+    # the tie 0, 2, 3, 4, 5 -> 0; token 2: all tied -> 0, 1
+    assert counts.tolist() == [3, 3, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("k", [0, 5, True])
+def test_routed_expert_ffn_rejects_k_out_of_range(k):
+    from moefy.errors import MoefyError
+    from moefy.kernels import routed_expert_ffn
+
+    x, _, w_in, w_out, _, _ = _expert_case(1, 8, 4, 2, True, bias=False)
+    with pytest.raises(MoefyError, match="out of range"):
+        routed_expert_ffn(
+            x, [(torch.randn(4, 8), None)], k, torch.zeros(4, dtype=torch.long),
+            torch.tensor(0), w_in, w_out, None, None, "silu", True,
+        )  # fmt: skip

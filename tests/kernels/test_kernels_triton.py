@@ -289,6 +289,39 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_routed_expert_ffn_routes_in_torch_then_runs_the_triton_experts(
+    dtype, monkeypatch, relative_error
+):
+    """Under triton the router (fp32, as a bf16 model may carry) runs in torch, the experts in
+    the Triton kernel; the tally and the output match the reference twin."""
+    from moefy.kernels import routed_expert_ffn
+
+    calls = []
+    real = triton_kernels.expert_ffn
+    monkeypatch.setattr(triton_kernels, "expert_ffn", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    N, D, E, S = 3, 40, 6, 5
+    x = torch.randn(N, D, generator=gen).to(dtype)
+    w_in = (torch.randn(E, 2 * S, D, generator=gen) / D**0.5).to(dtype)
+    w_out = (torch.randn(E, S, D, generator=gen) / S**0.5).to(dtype)
+    layers = [(torch.randn(9, D, generator=gen), torch.randn(9, generator=gen))]
+    layers.append((torch.randn(E, 9, generator=gen), None))
+    tallies = {}
+    for backend in ("triton", "reference"):
+        counts, seen = torch.zeros(E, dtype=torch.long), torch.tensor(0)
+        out = routed_expert_ffn(
+            x, layers, 2, counts, seen, w_in, w_out, None, None, "silu", True, backend=backend
+        )
+        tallies[backend] = (out.double(), counts, int(seen))
+    assert calls == [1]
+    assert torch.equal(tallies["triton"][1], tallies["reference"][1])
+    assert tallies["triton"][2] == tallies["reference"][2] == N
+    error = _relative_error(tallies["triton"][0], tallies["reference"][0])
+    assert error < relative_error[dtype]
+
+
+@interpreted
 def test_triton_falls_back_to_torch_where_the_kernels_do_not_fit(monkeypatch):
     def no_kernel(*_args):
         raise AssertionError("the triton kernel ran on a call it does not take")

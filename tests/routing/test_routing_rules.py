@@ -161,3 +161,26 @@ def test_settings_round_trip_through_to_dict(routed):
         rebuilt = selector_from_dict(data, num_experts=8, d_model=32)
         assert rebuilt.to_dict() == data
         assert type(rebuilt) is MLPRouter and rebuilt.hidden == 16
+
+
+def test_only_top_k_routers_that_select_some_experts_run_in_the_kernel(routed):
+    router = moe_layers(routed)[0].selector
+    router.set_topk(k=3)
+    k, layers = router.kernel_route()
+    first, last = router.net[0], router.net[2]
+    assert k == 3 and [(w is first.weight, b is first.bias) for w, b in layers[:1]] == [
+        (True, True)
+    ]
+    assert layers[1][0] is last.weight and layers[1][1] is last.bias
+    x = torch.randn(5, router.d_model)
+    h = x
+    for i, (weight, bias) in enumerate(layers):
+        h = torch.nn.functional.linear(h.relu() if i else h, weight, bias)
+    # the stack's output orders experts as the router's own scores do
+    assert torch.equal(h.argsort(dim=-1), router.scores(x).argsort(dim=-1))
+    router.set_rule("dynamic", tau=0.8)
+    assert router.kernel_route() is None  # dynamic k: the selector's own forward
+    router.set_rule("topk")
+    router.set_topk()  # every expert
+    assert router.kernel_route() is None
+    assert OracleSelector(8, k=2).kernel_route() is None  # the oracle needs every expert

@@ -2,6 +2,8 @@
 
 - :func:`expert_ffn`: the selected experts of an expert-major MoE FFN (batch 1 and small
   batches, reading each selected expert's weights once for all tokens that chose it);
+- :func:`routed_expert_ffn`: a linear / MLP router's top-k choice and :func:`expert_ffn` in one
+  call (one C++ call per layer when decoding);
 - :func:`threshold_linear`: a linear layer that skips the weight rows of dropped inputs (TEAL);
 - :func:`threshold_gate_up`: the gate and up projections of one input under one threshold.
 
@@ -28,6 +30,7 @@ from moefy.kernels.ops import (
     SMALL_BATCH_MAX,
     expert_ffn,
     expert_ffn_activation,
+    routed_expert_ffn,
     threshold_gate_up,
     threshold_linear,
     threshold_linear_ready,
@@ -44,6 +47,7 @@ __all__ = [
     "expert_ffn_activation",
     "get_backend",
     "parse_backend",
+    "routed_expert_ffn",
     "set_backend",
     "threshold_gate_up",
     "threshold_linear",

@@ -15,6 +15,9 @@ import torch
 from moefy.kernels.activations import ACTIVATIONS
 from moefy.kernels.backend import cpu_extension
 from moefy.kernels.build import KernelBuildError
+from moefy.kernels.reference import RouterLayers
+
+_NO_BIAS = torch.empty(0)  # a router layer without bias, for the C++ side
 
 
 def _extension():
@@ -38,6 +41,38 @@ def expert_ffn(
     return _extension().expert_ffn(
         x.contiguous(),
         mask.to(torch.bool).contiguous(),
+        w_in,
+        w_out,
+        b_in,
+        b_out,
+        ACTIVATIONS[act],
+        bool(gated),
+    )
+
+
+def routed_expert_ffn(
+    x: torch.Tensor,
+    layers: RouterLayers,
+    k: int,
+    counts: torch.Tensor,
+    tokens_seen: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: str,
+    gated: bool,
+) -> torch.Tensor:
+    """Router, top-k and experts in one C++ call; see :func:`reference.routed_expert_ffn`."""
+    router = []
+    for weight, bias in layers:
+        router += [weight, _NO_BIAS if bias is None else bias]
+    return _extension().routed_expert_ffn(
+        x.contiguous(),
+        router,
+        int(k),
+        counts,
+        tokens_seen,
         w_in,
         w_out,
         b_in,

@@ -7,6 +7,7 @@ Shape legend:
 Model code asks the ``*_activation`` / ``*_ready`` helpers whether a call should take the C++
 kernel (small batch, float32 CPU tensors, no gradient needed, a known activation) and keeps its
 own torch path otherwise; tests and benchmarks call :func:`expert_ffn`,
+:func:`routed_expert_ffn`,
 :func:`threshold_linear` and :func:`threshold_gate_up` directly with an explicit ``backend``.
 
 The Triton kernels take 1..SMALL_BATCH_MAX tokens of float16 / bfloat16 / float32 with
@@ -21,6 +22,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from moefy.errors import MoefyError
 from moefy.kernels import cpu, reference
 from moefy.kernels.activations import activation_name
 from moefy.kernels.backend import Backend, cpu_extension, resolve, use_backend
@@ -64,10 +66,14 @@ def _concrete(backend: str | Backend | None, device: torch.device) -> Backend:
 
 def _cpu_tensors(*tensors: torch.Tensor | None) -> bool:
     """All given tensors float32 on the CPU, and no gradient is wanted through them."""
-    present = [t for t in tensors if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in present):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    # Asked on every decode step of every layer: plain attribute checks, no allocations.
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype is not torch.float32 or not t.is_cpu or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def expert_ffn(
@@ -108,6 +114,63 @@ def expert_ffn(
     if chosen is Backend.TRITON and not _triton_fits(x, w_in, w_out, extras=(b_in, b_out, mask)):
         chosen = Backend.REFERENCE
     return _implementation(chosen).expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated)
+
+
+def routed_expert_ffn(
+    x: torch.Tensor,
+    layers: reference.RouterLayers,
+    k: int,
+    counts: torch.Tensor,
+    tokens_seen: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: str,
+    gated: bool,
+    *,
+    backend: str | Backend | None = None,
+) -> torch.Tensor:
+    """A linear or MLP router's top-``k`` experts per token, then their FFN output.
+
+    The C++ backend does it all in one call (decode pays one Python call per layer); other
+    backends route in torch (:func:`reference.route`) and run :func:`expert_ffn`.
+
+    Args:
+        x: (N, D) tokens.
+        layers: the router as (weight (O, I), bias (O,) or None) pairs with ReLU between them;
+            the last one outputs (N, E) logits whose order picks the experts.
+        k: experts per token, 1..E.
+        counts: (E,) int64, gains each expert's selections (the layer's tally).
+        tokens_seen: int64 scalar, gains N.
+        w_in, w_out, b_in, b_out, act, gated: as :func:`expert_ffn`.
+        backend: auto / reference / cpu / triton; default the one in force.
+
+    Returns:
+        (N, D) like ``x``.
+
+    Raises:
+        MoefyError: k outside 1..E.
+
+    Example:
+        >>> y = routed_expert_ffn(x, [(centroids, None)], 16, counts, seen, moe.w_in,
+        ...                       moe.w_out, None, None, "silu", True, backend="cpu")
+    """
+    if isinstance(k, bool) or not 1 <= int(k) <= w_in.shape[0]:
+        raise MoefyError(f"k={k!r} experts is out of range: the layer has 1..{w_in.shape[0]}")
+    chosen = _concrete(backend, x.device)
+    router = [t for pair in layers for t in pair if t is not None]
+    if (
+        chosen is Backend.CPU
+        and _cpu_tensors(x, w_in, w_out, b_in, b_out, *router)
+        and w_in.is_contiguous()
+        and w_out.is_contiguous()
+    ):
+        return cpu.routed_expert_ffn(
+            x, layers, k, counts, tokens_seen, w_in, w_out, b_in, b_out, act, gated
+        )
+    mask = reference.route(x, layers, k, counts, tokens_seen)
+    return expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated, backend=chosen)
 
 
 def threshold_linear(

@@ -7,6 +7,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as Fn
 
@@ -114,3 +116,76 @@ def threshold_gate_up(
     """
     gate = threshold_linear(x, gate_t, gate_bias, threshold, zeros_out)
     return gate, threshold_linear(x, up_t, up_bias, threshold)
+
+
+# A router as linear layers (weight (O, I), bias (O,) or None) with ReLU between them.
+RouterLayers = Sequence[tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def router_logits(x: torch.Tensor, layers: RouterLayers) -> torch.Tensor:
+    """(N, D) tokens -> (N, E): the router's last layer output (ReLU between layers).
+
+    ``x`` is cast to the router's dtype (a bf16 model may carry an fp32 router).
+    """
+    h = x.to(layers[0][0].dtype)
+    for i, (weight, bias) in enumerate(layers):
+        h = Fn.linear(h.relu() if i else h, weight, bias)
+    return h
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, E) -> (N, E) bool: each token's ``k`` largest entries (NaN first, ties to the lower
+    index, as the C++ kernel breaks them)."""
+    order = logits.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (N, k)
+    mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    return mask.scatter_(1, order, True)
+
+
+def route(
+    x: torch.Tensor,
+    layers: RouterLayers,
+    k: int,
+    counts: torch.Tensor,
+    tokens_seen: torch.Tensor,
+) -> torch.Tensor:
+    """Each token's top-``k`` experts by the router's logits, tallied.
+
+    Args:
+        x: (N, D) tokens.
+        layers: the router (see :data:`RouterLayers`); its output is (N, E).
+        k: experts per token, 1..E.
+        counts: (E,) int64, gains each expert's selections.
+        tokens_seen: int64 scalar, gains N.
+
+    Returns:
+        (N, E) bool mask.
+    """
+    with torch.no_grad():
+        mask = top_k_mask(router_logits(x, layers), k)
+        counts += mask.sum(dim=0)
+        tokens_seen += x.shape[0]
+    return mask
+
+
+def routed_expert_ffn(
+    x: torch.Tensor,
+    layers: RouterLayers,
+    k: int,
+    counts: torch.Tensor,
+    tokens_seen: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: str,
+    gated: bool,
+) -> torch.Tensor:
+    """:func:`route` then :func:`expert_ffn` over the chosen experts: (N, D) -> (N, D).
+
+    Example:
+        >>> layers = [(router.centroids, None)]
+        >>> y = routed_expert_ffn(x, layers, 16, counts, seen, w_in, w_out, None, None, "silu",
+        ...                       True)
+    """
+    mask = route(x, layers, k, counts, tokens_seen)
+    return expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated)

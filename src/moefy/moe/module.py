@@ -379,6 +379,10 @@ class MoEFFN(nn.Module):
         tokens = x.reshape(-1, self.d_model)  # (N, D)
         if self._training_records is not None:
             return self._forward_training(tokens).reshape(shape)
+        if self._next_selection is None and (route := self.selector.kernel_route()) is not None:
+            out = self._routed_kernel_call(tokens, *route)
+            if out is not None:
+                return out.reshape(shape)
         if self._next_selection is not None:
             given, self._next_selection = self._next_selection, None
             mask = selection_mask(given.to(tokens.device), tokens.shape[0], self.num_experts)
@@ -410,6 +414,28 @@ class MoEFFN(nn.Module):
         dense = bool(mask.all())
         out = self._forward_all(tokens) if dense else self._forward_grouped(tokens, mask)
         return out.reshape(shape)
+
+    def _routed_kernel_call(
+        self, tokens: torch.Tensor, k: int, layers: list[tuple[torch.Tensor, torch.Tensor | None]]
+    ) -> torch.Tensor | None:
+        """(N, D) output of router, top-k and experts in one kernel call (decode-sized batches
+        the kernels take), tallied like any selection; None when the torch path should run."""
+        act = kernels.expert_ffn_activation(tokens, self.w_in, self.w_out, self.act)
+        if act is None:
+            return None
+        return kernels.routed_expert_ffn(
+            tokens,
+            layers,
+            k,
+            self.selection_counts,
+            self.tokens_seen,
+            self.w_in,
+            self.w_out,
+            self.b_in,
+            self.b_out,
+            act,
+            self.gated,
+        )
 
     def _count(self, mask: torch.Tensor) -> None:
         """Add a (N, E) selection to the tally that FLOPs and active-fraction reports read."""

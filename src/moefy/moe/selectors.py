@@ -131,6 +131,12 @@ class ExpertSelector(nn.Module):
         mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         return mask.scatter_(1, top, True)
 
+    def kernel_route(self) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]] | None:
+        """``(k, layers)`` when this selector is a top-k over linear layers with ReLU between
+        them (see :func:`moefy.kernels.routed_expert_ffn`), which a kernel can run in the same
+        call as the experts; None otherwise (the default: score with :meth:`forward`)."""
+        return None
+
     def flops_per_token(self, d_model: int) -> float:
         """FLOPs per token the selection itself costs at inference (0 unless overridden)."""
         return 0.0

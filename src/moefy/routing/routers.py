@@ -78,6 +78,18 @@ class Router(RuleSelector):
         """(N, D) -> (N, E) predicted expert output norms (non-negative)."""
         return self.predict_log_norms(x).exp()
 
+    def score_layers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """This router as linear layers (weight (O, I), bias or None) with ReLU between them,
+        whose last output orders the experts as :meth:`scores` does; None when it is not one
+        (subclasses that are say so, and the kernels then route and run experts in one call)."""
+        return None
+
+    def kernel_route(self) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]] | None:
+        if self.rule != TOPK or self.selects_all():
+            return None
+        layers = self.score_layers()
+        return None if layers is None else (self.num_selected(), layers)
+
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens in the router's dtype (a bf16 model may carry an fp32 router)."""
         weight = next(iter(self.parameters()), None)
@@ -159,6 +171,9 @@ class CentroidRouter(Router):
     def predict_log_norms(self, x: torch.Tensor) -> torch.Tensor:
         return self._cast(x) @ self.centroids.t()  # (N, E) similarities
 
+    def score_layers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(self.centroids, None)]  # softmax keeps the order of the similarities
+
     def scores(self, x: torch.Tensor, moe: MoEFFN | None = None) -> torch.Tensor:
         # softmax, not exp: same order, and no overflow on large activations
         return self.predict_log_norms(x).softmax(dim=-1)
@@ -193,6 +208,10 @@ class MLPRouter(Router):
     def predict_log_norms(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self._cast(x))  # (N, E)
 
+    def score_layers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        first, last = self.net[0], self.net[2]
+        return [(first.weight, first.bias), (last.weight, last.bias)]
+
     def flops_per_token(self, d_model: int) -> float:
         # two matmuls, two bias adds, one ReLU
         H, E = self.hidden, self.num_experts
@@ -222,6 +241,9 @@ class LinearRouter(Router):
 
     def predict_log_norms(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self._cast(x))  # (N, E)
+
+    def score_layers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(self.proj.weight, self.proj.bias)]
 
     def flops_per_token(self, d_model: int) -> float:
         return 2.0 * d_model * self.num_experts + self.num_experts

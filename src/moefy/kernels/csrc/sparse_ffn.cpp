@@ -10,6 +10,7 @@
 // are summed at the end (N x D floats per thread, negligible beside the weights).
 //
 // expert_ffn:      out[t] = b_out + sum_{e selected by t} act(W_in_e x_t + b_in_e) @ W_out_e
+// routed_expert_ffn: a linear / MLP router's top-k experts per token, then expert_ffn over them
 // threshold_linear out[t] = bias + sum_{i : !(|x_ti| <= thr_i)} x_ti * W_t[i]   (W_t is (I, O))
 
 #include <torch/extension.h>
@@ -27,7 +28,7 @@ namespace {
 
 constexpr int64_t kLanes = 8;        // floats per AVX register
 constexpr int64_t kTokenGroup = 8;   // tokens whose dot products share one pass over a row
-constexpr int64_t kAxpyRows = 4;     // weight rows applied together in the accumulation
+constexpr int64_t kAxpyRows = 8;     // weight rows applied together in the accumulation
 constexpr int64_t kChunksPerThread = 4;  // work units per thread, for load balance
 
 enum Activation : int64_t { kReLU = 0, kSiLU = 1, kGeluTanh = 2, kGeluErf = 3 };
@@ -64,10 +65,11 @@ inline void dot_block(const float* const* rows, const float* const* xs, int64_t 
   }
 }
 
-// Rows per block for T tokens: as many as the 16 vector registers allow.
+// Rows per block for T tokens: as many as the 16 vector registers allow (one token: the
+// weights are FMA memory operands, so 12 accumulators; more rows in flight read faster).
 template <int T>
 constexpr int rows_for_tokens() {
-  return T == 1 ? 4 : T == 2 ? 4 : T == 3 ? 3 : T <= 6 ? 2 : 1;
+  return T == 1 ? 12 : T == 2 ? 4 : T == 3 ? 3 : T <= 6 ? 2 : 1;
 }
 
 // pre[r * stride + t] = dot(rows[r], xs[t]) for n_rows rows and T tokens.
@@ -174,6 +176,24 @@ struct ExpertUnit {
   int64_t expert, slot_begin, slot_end;
 };
 
+// Start loading the heads of the next unit's three weight streams (gate, up, down rows) while
+// this unit computes: the hardware prefetchers only find a new stream after its first misses.
+inline void prefetch_unit_heads(const ExpertUnit& unit, const float* win, const float* wout,
+                                int64_t S, int64_t S_in, int64_t D, bool gated) {
+  constexpr int64_t kHeadFloats = 2048;  // 8 KiB of each stream
+  constexpr int64_t kLineFloats = 16;
+  const int64_t e = unit.expert;
+  const int64_t n = std::min(kHeadFloats, (unit.slot_end - unit.slot_begin) * D);
+  const float* heads[3] = {win + (e * S_in + unit.slot_begin) * D,
+                           gated ? win + (e * S_in + S + unit.slot_begin) * D : nullptr,
+                           wout + (e * S + unit.slot_begin) * D};
+  for (const float* head : heads) {
+    if (head == nullptr) continue;
+    for (int64_t i = 0; i < n; i += kLineFloats)
+      _mm_prefetch(reinterpret_cast<const char*>(head + i), _MM_HINT_T0);
+  }
+}
+
 }  // namespace
 
 // x (N, D), mask (N, E) bool, w_in (E, S_in, D), w_out (E, S, D), b_in (E, S_in) or None,
@@ -230,6 +250,7 @@ at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& mask, const at::Ten
     std::vector<float> pre, hidden;
     for (int64_t u = begin; u < end; ++u) {
       const ExpertUnit& unit = units[u];
+      if (u + 1 < end) prefetch_unit_heads(units[u + 1], win, wout, S, S_in, D, gated);
       const int64_t e = unit.expert, n = unit.slot_end - unit.slot_begin;
       const int64_t* tok = tokens.data() + offsets[e];
       const int64_t m = offsets[e + 1] - offsets[e];
@@ -274,6 +295,61 @@ at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& mask, const at::Ten
   });
   reduce_into(partial, threads, b_out, out);
   return out;
+}
+
+// A router and its top-k choice in one call, then expert_ffn over the chosen experts (decode:
+// one call per layer instead of a dozen small torch ops).
+// router: weight (O_i, I_i), bias (O_i,) or an empty tensor, for each linear layer in turn, with
+// ReLU between layers; the last layer's output (N, E) orders the experts (a router's scores are
+// a monotone map of it). Each token keeps its k best experts (NaN ranks first, as in
+// torch.topk; ties go to the lower index); counts (E,) int64 gains the selections and
+// tokens_seen (int64 scalar) gains N.
+at::Tensor routed_expert_ffn(const at::Tensor& x, const std::vector<at::Tensor>& router, int64_t k,
+                             at::Tensor counts, at::Tensor tokens_seen, const at::Tensor& w_in,
+                             const at::Tensor& w_out, const std::optional<at::Tensor>& b_in,
+                             const std::optional<at::Tensor>& b_out, int64_t act, bool gated) {
+  check_f32_contiguous(x, "x");
+  TORCH_CHECK(!router.empty() && router.size() % 2 == 0, "router must be (weight, bias) pairs");
+  at::Tensor h = x;
+  for (size_t i = 0; i < router.size(); i += 2) {
+    const at::Tensor& weight = router[i];
+    const at::Tensor& bias = router[i + 1];
+    TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat,
+                "router weights must be float32 on the CPU");
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == h.size(1), "router layer ", i / 2,
+                " does not fit its input");
+    if (i > 0) h = at::relu(h);
+    h = bias.numel() > 0 ? at::addmm(bias, h, weight.t()) : at::mm(h, weight.t());
+  }
+  const at::Tensor logits = h.contiguous();
+  const int64_t N = x.size(0), E = w_in.size(0);
+  TORCH_CHECK(logits.size(0) == N && logits.size(1) == E, "router output must be (N, E)");
+  TORCH_CHECK(k >= 1 && k <= E, "k=", k, " experts is out of range 1..", E);
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.numel() == E,
+              "counts must be int64 (E,)");
+  TORCH_CHECK(tokens_seen.scalar_type() == at::kLong && tokens_seen.numel() == 1,
+              "tokens_seen must be an int64 scalar");
+  auto mask = at::zeros({N, E}, x.options().dtype(at::kBool));
+  bool* sel = mask.data_ptr<bool>();
+  int64_t* count = counts.data_ptr<int64_t>();
+  const float* score = logits.data_ptr<float>();
+  std::vector<int64_t> order(E);
+  for (int64_t t = 0; t < N; ++t) {
+    const float* row = score + t * E;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [row](int64_t a, int64_t b) {
+      const bool nan_a = std::isnan(row[a]), nan_b = std::isnan(row[b]);
+      if (nan_a != nan_b) return nan_a;
+      if (!nan_a && row[a] != row[b]) return row[a] > row[b];
+      return a < b;
+    });
+    for (int64_t j = 0; j < k; ++j) {
+      sel[t * E + order[j]] = true;
+      ++count[order[j]];
+    }
+  }
+  tokens_seen.add_(N);
+  return expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated);
 }
 
 // x (N, I), weight_t (I, O), bias (O,) or None, threshold (1,) or (I,) -> (N, O).
@@ -372,6 +448,7 @@ double stream_sum(const at::Tensor& buffer) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moefy sparse FFN kernels (AVX2 + FMA, fp32)";
   m.def("expert_ffn", &expert_ffn, "selected experts' FFN output (N, D)");
+  m.def("routed_expert_ffn", &routed_expert_ffn, "router, top-k and selected experts (N, D)");
   m.def("threshold_linear", &threshold_linear, "linear layer skipping zeroed inputs (N, O)");
   m.def("stream_sum", &stream_sum, "sum of a float32 buffer (a streaming read)");
 }
