@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--loss", default="listwise", help="router training loss")
+    parser.add_argument("--rounds", type=int, default=1, help="router training rounds")
     parser.add_argument("--fractions", default="0.5,0.25")
     parser.add_argument("--taus", default="0.9,0.8")
     parser.add_argument("--no-centroid", action="store_true", help="skip the centroid router")
@@ -85,6 +86,7 @@ def main() -> None:
             loss=args.loss,
             epochs=args.epochs,
             tokens_per_layer=args.calib_tokens,
+            rounds=args.rounds,
         ),
         progress=True,
     )

@@ -27,9 +27,16 @@ from moefy.routing import RouterConfig, train_routers
 from tiny_models import VOCAB, WORDS, save_tiny_hf_folder, tiny_model
 
 WORLD = 2
-# forward_batch_size=1: every block runs alone on every rank, as in one process
+# forward_batch_size=1: every block runs alone on every rank, as in one process; two rounds,
+# so the second collects the routed model's inputs with routers broadcast after the first
 CONFIG = RouterConfig(
-    router="mlp", hidden=8, tokens_per_layer=256, epochs=2, batch_size=32, forward_batch_size=1
+    router="mlp",
+    hidden=8,
+    tokens_per_layer=256,
+    epochs=2,
+    batch_size=32,
+    forward_batch_size=1,
+    rounds=2,
 )
 
 
@@ -120,6 +127,7 @@ def test_torchrun_cli_equals_one_process(tmp_path) -> None:
             "--tokens", "208", "--batch-size", "1", "--epochs", "2", "--hidden", "8",
             "--out", str(tmp_path / name), "--eval-tokens", "48", "--fractions", "0.25",
             "--taus", "0.8", "--oracle", "--results", str(tmp_path / f"{name}.json"),
+            "--rounds", "2",
         ]  # fmt: skip
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

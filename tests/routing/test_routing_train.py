@@ -200,3 +200,37 @@ def test_dense_model_is_refused():
         train_routers(tiny_model("llama"), _blocks(2))
     with pytest.raises(MoefyError, match="no MoE layers"):
         attach_routers(tiny_model("llama"), "mlp")
+
+
+def test_later_rounds_learn_from_the_routed_models_inputs(monkeypatch):
+    from moefy.routing import train as train_module
+
+    seen = []
+    real_collect = train_module._collect
+
+    def spy(model, data, layers, config, *, dense, show, desc):
+        settings = [(type(m.selector).__name__, m.selector.fraction) for m in layers]
+        seen.append((dense, settings))
+        return real_collect(model, data, layers, config, dense=dense, show=show, desc=desc)
+
+    monkeypatch.setattr(train_module, "_collect", spy)
+    config = RouterConfig(router="mlp", rounds=2, report_fraction=0.25, **FAST)
+    once, twice = _moe_model(), _moe_model()
+    train_routers(once, _blocks(), RouterConfig(router="mlp", **FAST))
+    report = train_routers(twice, _blocks(), config)
+    assert [dense for dense, _ in seen] == [True, True, False]
+    # round 2 ran each layer's round-1 router at 25 % of experts
+    assert seen[2][1] == [("MLPRouter", 0.25)] * 2
+    for moe in moe_layers(twice):  # afterwards: the layers' own settings (every expert)
+        assert isinstance(moe.selector, MLPRouter) and moe.selector.fraction is None
+    assert report.n_tokens == 32 * 32
+    for layer in report.layers:  # recall on held-out routed inputs; untrained from round 1
+        assert layer.recall > layer.untrained_recall + 0.15
+    first = [moe.selector.net[0].weight for moe in moe_layers(once)]
+    second = [moe.selector.net[0].weight for moe in moe_layers(twice)]
+    assert all(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(MoefyError, match="rounds"):
+        RouterConfig(rounds=0)

@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training loss: listwise (share of the token's norm) or mse (log norms)",
     )
     parser.add_argument("--epochs", type=positive_int, default=8, help="passes over the data")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="training rounds; rounds after the first learn from the inputs of the model routed "
+        "by the last round's routers at 25 %% of experts",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--out", default="runs/moe-routed", help="output folder of the model")
     parser.add_argument(
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_layer=args.tokens,
         forward_batch_size=args.batch_size,
         seed=args.seed,
+        rounds=args.rounds,
     )
     device, dtype = device_and_dtype(args)
     init_from_env(device)

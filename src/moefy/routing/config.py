@@ -34,6 +34,8 @@ class RouterConfig:
         forward_batch_size: blocks per forward pass while collecting.
         storage_dtype: dtype of the stored router inputs (``bfloat16`` halves the memory).
         seed: seed of initialisation, shuffling and reservoir sampling (same on every rank).
+        rounds: collection-and-training rounds; rounds after the first collect the inputs of the
+            model routed by the previous round's routers at ``report_fraction`` of experts.
         version: config format version.
 
     Example:
@@ -55,6 +57,7 @@ class RouterConfig:
     forward_batch_size: int = 8
     storage_dtype: str = "bfloat16"
     seed: int = 0
+    rounds: int = 1
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -70,7 +73,14 @@ class RouterConfig:
             raise MoefyError(
                 f"RouterConfig.loss={self.loss!r} is unknown (known: {sorted(ROUTER_LOSSES)})"
             )
-        for name in ("hidden", "tokens_per_layer", "epochs", "batch_size", "forward_batch_size"):
+        for name in (
+            "hidden",
+            "tokens_per_layer",
+            "epochs",
+            "batch_size",
+            "forward_batch_size",
+            "rounds",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise MoefyError(f"RouterConfig.{name} must be an integer >= 1, got {value!r}")

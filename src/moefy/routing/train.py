@@ -339,52 +339,36 @@ def _fit(
     return float(epoch_loss) / steps
 
 
-def train_routers(
-    model: nn.Module,
-    data: TokenBlocks,
-    config: RouterConfig | None = None,
+@contextlib.contextmanager
+def _routed_by(layers: list[MoEFFN], routers: list[Router], fraction: float) -> Iterator[None]:
+    """Each layer runs its router at ``fraction`` of experts for the block; then its own
+    selector and the routers' settings come back."""
+    saved = [(moe.selector, r.k, r.fraction) for moe, r in zip(layers, routers, strict=True)]
+    try:
+        for moe, router in zip(layers, routers, strict=True):
+            router.set_topk(fraction=fraction)
+            moe.selector = router
+        yield
+    finally:
+        for moe, router, (selector, k, frac) in zip(layers, routers, saved, strict=True):
+            moe.selector = selector
+            router.set_topk(k=k, fraction=frac)
+
+
+def _fit_round(
+    layers: list[MoEFFN],
+    routers: list[Router],
+    reservoirs: list[_Reservoir | None],
+    figures: list[torch.Tensor],
+    config: RouterConfig,
     *,
-    progress: bool = False,
-) -> RouterReport:
-    """Give every MoE layer a router fitted to predict its experts' true output norms.
-
-    Each layer keeps its top-k setting (``k`` / ``fraction``); the new routers replace the
-    layers' selectors, so :func:`moefy.moe.save` writes them with the model.
-
-    Args:
-        model: a moefied model (see :func:`moefy.moe.moefy_`).
-        data: calibration blocks, e.g. ``load_text("bbc-news").blocks(tokenizer, n_tokens=16384)``.
-        config: the :class:`RouterConfig` (default: an ``mlp`` router).
-        progress: show progress bars (rank 0 only).
-
-    Returns:
-        A :class:`RouterReport` with per-layer recall, norm share and router cost, measured on a
-        held-out share of the calibration tokens.
-
-    Raises:
-        MoefyError: the model has no MoE layers.
-
-    Example:
-        >>> report = train_routers(model, blocks, RouterConfig(router="mlp"))
-        >>> set_routing(model, fraction=0.25)
-    """
+    show: bool,
+) -> None:
+    """Train every router on its layer's reservoir (continuing from its current weights) and
+    write its figures; under torchrun layer i is trained by rank i % world and then broadcast."""
     from tqdm.auto import tqdm
 
-    from moefy.moe.convert import moe_layers, reset_tally
-
-    config = config or RouterConfig()
-    layers = moe_layers(model)
-    if not layers:
-        raise MoefyError("the model has no MoE layers; call moefy_ first")
-    started = time.perf_counter()
-    rank, world = rank_and_world()
-    show = progress and rank == 0
-    reservoirs = _collect(
-        model, data, layers, config, dense=True, show=show, desc="collecting router data"
-    )
-    reset_tally(model)
-    n_tokens = int(all_reduce_sum_(torch.tensor([reservoirs[0].seen]))[0])
-
+    _, world = rank_and_world()
     # Layer i is trained by rank i % world on every rank's samples of it; gather them all first
     # so that no rank waits for another's training.
     owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -395,21 +379,6 @@ def train_routers(
         reservoirs[i] = None  # free this layer's share as soon as it has been sent
         if gathered is not None:
             owned[i] = gathered
-
-    routers, figures = [], []
-    for i, moe in enumerate(layers):
-        old = moe.selector
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed * _SEED_STRIDE + i)  # same router on every rank
-            router = ROUTERS[config.router].for_layer(
-                moe,
-                k=old.k,
-                fraction=old.fraction,
-                **ROUTERS[config.router].config_settings(config),
-            )
-        routers.append(router)
-        # untrained recall, recall, norm share, oracle share, loss, train and held-out tokens
-        figures.append(torch.full((7,), float("nan"), dtype=torch.float64))
     for i in tqdm(sorted(owned), desc="training routers", disable=not show):
         moe, router = layers[i], routers[i]
         inputs, targets = owned.pop(i)
@@ -437,6 +406,89 @@ def train_routers(
                 for tensor in router.state_dict().values():
                     dist.broadcast(tensor, src=i % world)
             broadcast_(figure, src=i % world)
+
+
+def train_routers(
+    model: nn.Module,
+    data: TokenBlocks,
+    config: RouterConfig | None = None,
+    *,
+    progress: bool = False,
+) -> RouterReport:
+    """Give every MoE layer a router fitted to predict its experts' true output norms.
+
+    Each layer keeps its top-k setting (``k`` / ``fraction``); the new routers replace the
+    layers' selectors, so :func:`moefy.moe.save` writes them with the model.
+
+    The first round learns from the dense model's inputs. With ``config.rounds`` > 1 each later
+    round runs the text through the model routed by the last round's routers (at
+    ``config.report_fraction`` of experts) and trains them further on the inputs each layer then
+    sees: later layers meet the routed model's hidden states at inference, not the dense ones.
+
+    Args:
+        model: a moefied model (see :func:`moefy.moe.moefy_`).
+        data: calibration blocks, e.g. ``load_text("bbc-news").blocks(tokenizer, n_tokens=16384)``.
+        config: the :class:`RouterConfig` (default: an ``mlp`` router).
+        progress: show progress bars (rank 0 only).
+
+    Returns:
+        A :class:`RouterReport` with per-layer recall, norm share and router cost, measured on a
+        held-out share of the calibration tokens.
+
+    Raises:
+        MoefyError: the model has no MoE layers.
+
+    Example:
+        >>> report = train_routers(model, blocks, RouterConfig(router="mlp"))
+        >>> set_routing(model, fraction=0.25)
+    """
+    from moefy.moe.convert import moe_layers, reset_tally
+
+    config = config or RouterConfig()
+    layers = moe_layers(model)
+    if not layers:
+        raise MoefyError("the model has no MoE layers; call moefy_ first")
+    started = time.perf_counter()
+    show = progress and rank_and_world()[0] == 0
+    routers = []
+    for i, moe in enumerate(layers):
+        old = moe.selector
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed * _SEED_STRIDE + i)  # same router on every rank
+            routers.append(
+                ROUTERS[config.router].for_layer(
+                    moe,
+                    k=old.k,
+                    fraction=old.fraction,
+                    **ROUTERS[config.router].config_settings(config),
+                )
+            )
+    # untrained recall, recall, norm share, oracle share, loss, train and held-out tokens
+    figures = [torch.full((7,), float("nan"), dtype=torch.float64) for _ in layers]
+    n_tokens = 0
+    for round_index in range(config.rounds):
+        if round_index == 0:  # the dense model's inputs
+            reservoirs = _collect(
+                model, data, layers, config, dense=True, show=show, desc="collecting router data"
+            )
+            n_tokens = int(all_reduce_sum_(torch.tensor([reservoirs[0].seen]))[0])
+        else:  # the inputs of the model routed by the last round's routers
+            with _routed_by(layers, routers, config.report_fraction):
+                reservoirs = _collect(
+                    model,
+                    data,
+                    layers,
+                    config,
+                    dense=False,
+                    show=show,
+                    desc=f"collecting routed inputs (round {round_index + 1})",
+                )
+        reset_tally(model)
+        untrained = [float(f[0]) for f in figures] if round_index else None
+        _fit_round(layers, routers, reservoirs, figures, config, show=show)
+        if untrained is not None:  # the report's "untrained" is before any training
+            for figure, before in zip(figures, untrained, strict=True):
+                figure[0] = before
 
     reports = []
     for moe, router, figure in zip(layers, routers, figures, strict=True):
