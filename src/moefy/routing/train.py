@@ -363,9 +363,12 @@ def _fit_round(
     config: RouterConfig,
     *,
     show: bool,
+    untrained: bool,
 ) -> None:
     """Train every router on its layer's reservoir (continuing from its current weights) and
-    write its figures; under torchrun layer i is trained by rank i % world and then broadcast."""
+    write its figures (the recall before training only when ``untrained``; otherwise the figure
+    keeps the one it has); under torchrun layer i is trained by rank i % world and then
+    broadcast."""
     from tqdm.auto import tqdm
 
     _, world = rank_and_world()
@@ -388,7 +391,9 @@ def _fit_round(
         train_x, train_y = inputs[: n - n_holdout], targets[: n - n_holdout]
         held_x, held_y = inputs[n - n_holdout :], targets[n - n_holdout :]
         k = _report_k(moe, config)
-        untrained, _, _ = _holdout_metrics(router, held_x, held_y, k, config.batch_size * 8)
+        before = float(figures[i][0])
+        if untrained:
+            before, _, _ = _holdout_metrics(router, held_x, held_y, k, config.batch_size * 8)
         loss = float("nan")
         if router.trainable:
             gen = torch.Generator().manual_seed(config.seed * _SEED_STRIDE + i)
@@ -397,7 +402,7 @@ def _fit_round(
             router, held_x, held_y, k, config.batch_size * 8
         )
         figures[i] = torch.tensor(
-            [untrained, recall, share, oracle_share, loss, train_x.shape[0], n_holdout],
+            [before, recall, share, oracle_share, loss, train_x.shape[0], n_holdout],
             dtype=torch.float64,
         )
     if world > 1:  # every rank ends with every router and figure, from the rank that made it
@@ -484,11 +489,10 @@ def train_routers(
                     desc=f"collecting routed inputs (round {round_index + 1})",
                 )
         reset_tally(model)
-        untrained = [float(f[0]) for f in figures] if round_index else None
-        _fit_round(layers, routers, reservoirs, figures, config, show=show)
-        if untrained is not None:  # the report's "untrained" is before any training
-            for figure, before in zip(figures, untrained, strict=True):
-                figure[0] = before
+        # the report's "untrained" recall is the first round's, before any training
+        _fit_round(
+            layers, routers, reservoirs, figures, config, show=show, untrained=round_index == 0
+        )
 
     reports = []
     for moe, router, figure in zip(layers, routers, figures, strict=True):
