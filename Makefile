@@ -68,13 +68,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-# Sparse kernels and sparse decoding against dense in one run (BENCH_ARGS=--quick for a short run).
+# Sparse kernels and sparse decoding against dense in one run (BENCH_ARGS=--quick for a short run),
+# then decoding again through the compiled static-cache step (a few minutes of compiling).
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(MOEFY) bench $(BENCH_ARGS) --out $(RUNS)/bench.json
+	$(MOEFY) bench --only decode --compile $(BENCH_ARGS) --out $(RUNS)/bench-compiled.json
 	$(PY) benchmarks/profile_overhead.py
 
-# The Triton kernels against cuBLAS on a CUDA GPU (BENCH_GPU_ARGS=--quick for a short run).
+# The Triton kernels against cuBLAS on a CUDA GPU, then decode of a random Llama-3-8B-shaped
+# model under CUDA graphs (BENCH_GPU_ARGS=--quick for a short run).
 BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
 	$(MOEFY) bench --device cuda $(BENCH_GPU_ARGS) --out $(RUNS)/bench-gpu.json

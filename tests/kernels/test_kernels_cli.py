@@ -63,3 +63,23 @@ def test_bad_arguments_are_one_line_errors(argv, pattern, capsys):
     assert code == 2
     assert re.search(pattern, err)
     assert len(err.strip().splitlines()) == 1
+
+
+def test_generate_compiled_prints_dense_and_sparse_speed(routed_folder, capsys):
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(routed_folder),
+            "--prompt",
+            "the market",
+            "--max-new-tokens",
+            "3",
+            "--compile",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "compiled static-cache step" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    assert {"dense", "sparse"} <= set(rows)

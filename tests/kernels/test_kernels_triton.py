@@ -474,3 +474,36 @@ def test_kernels_compile_for_hopper_without_a_gpu(dtype):
     assert all(kernel["cubin"] > 0 and kernel["local"] == 0 for kernel in report.values())
     for name in ("threshold-1", "up-1", "down-1"):
         assert report[name]["v4_loads"] > 0, name
+
+
+def test_compiled_graphs_call_the_triton_operators():
+    """Under torch.compile the Triton entry points are custom operators (the tracer does not
+    enter the launcher): a fullgraph trace gives the eager outputs and zero counts."""
+    from torch._dynamo.utils import counters
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not interpreter_active():
+        pytest.skip("needs CUDA or the triton interpreter")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, generator=gen).to(device)
+    weight_t = torch.randn(32, 24, generator=gen).to(device)
+    threshold = torch.tensor(0.4, device=device)
+    w_in = torch.randn(4, 8, 32, generator=gen).to(device)
+    w_out = torch.randn(4, 4, 32, generator=gen).to(device)
+    mask = torch.tensor([[True, False, True, False], [False, False, False, True]], device=device)
+
+    def calls(x, zeros):
+        gate, up = threshold_gate_up(x, weight_t, weight_t, None, None, threshold, zeros)
+        linear = threshold_linear(x, weight_t, None, threshold, zeros)
+        experts = expert_ffn(x, mask, w_in, w_out, None, None, "silu", True)
+        return gate * up, linear + 1, experts
+
+    counts = [torch.tensor(0, device=device) for _ in "ab"]
+    with kernel_backend.use_backend("triton"):
+        expected = calls(x, counts[0])
+        counters.clear()
+        got = torch.compile(calls, fullgraph=True, backend="aot_eager")(x, counts[1])
+    assert not counters["graph_break"]
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+    assert int(counts[0]) == int(counts[1]) > 0

@@ -3,7 +3,9 @@ bytes of weights each generated token reads (what bounds decode on a CPU).
 
 Decode time per token is ``(T(n) - T(1)) / (n - 1)`` with ``T(n)`` the median time of a greedy
 ``generate`` of exactly ``n`` new tokens: the prompt's prefill cancels out. All models are timed
-round-robin in the same rounds.
+round-robin in the same rounds, through transformers' ``generate`` or, compiled, through
+:class:`moefy.decoding.StaticDecoder` (static cache, ``torch.compile``d step; each model is
+compiled before the timed rounds).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def decode_speeds(
     *,
     rounds: int,
     before: Mapping[str, Callable[[], None]] | None = None,
+    compiled: bool = False,
 ) -> dict[str, DecodeSpeed]:
     """Decode speed of each model, all timed in the same rounds.
 
@@ -80,6 +83,8 @@ def decode_speeds(
         new_tokens: tokens per timed generate, at least 2.
         rounds: timed generates per model and length.
         before: name -> a call run before each of that name's generates (e.g. set a top-k).
+        compiled: decode with a :class:`~moefy.decoding.StaticDecoder` per name (static cache,
+            compiled step) instead of ``generate``.
 
     Returns:
         name -> :class:`DecodeSpeed`.
@@ -90,14 +95,21 @@ def decode_speeds(
     if new_tokens < 2:
         raise MoefyError(f"decode timing needs at least 2 new tokens, got {new_tokens}")
     before = before or {}
+    decode = {
+        name: _decoder(model, input_ids, new_tokens, compiled) for name, model in models.items()
+    }
 
     def call(name: str, n: int) -> Callable[[], object]:
         def run() -> object:
             if name in before:
                 before[name]()
-            return generate_exactly(models[name], input_ids, n)
+            return decode[name](n)
 
         return run
+
+    if compiled:
+        for name in models:
+            call(name, 2)()  # compile now, not in the warm-up round
 
     variants = {}
     for name in models:
@@ -112,6 +124,18 @@ def decode_speeds(
         seconds = (medians[f"{name}|n"] - medians[f"{name}|1"]) / (new_tokens - 1)
         speeds[name] = DecodeSpeed(max(seconds, 1e-9), weight_bytes_per_token(model))
     return speeds
+
+
+def _decoder(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compiled: bool
+) -> Callable[[int], torch.Tensor]:
+    """``n -> (1, T + n)`` greedy tokens of ``model`` through generate or a static decoder."""
+    if not compiled:
+        return lambda n: generate_exactly(model, input_ids, n)
+    from moefy.decoding import StaticDecoder
+
+    decoder = StaticDecoder(model, max_length=input_ids.shape[1] + new_tokens)
+    return lambda n: decoder.generate(input_ids, n)
 
 
 def _reset_tallies(model: nn.Module) -> None:

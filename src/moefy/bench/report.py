@@ -26,8 +26,10 @@ def print_results(results: dict[str, Any]) -> None:
             [_ffn_row(row) for row in results["ffn"]],
         )
     if results["decode"]:
+        step = results["decode"][0].get("step", "generate")
+        how = "a compiled static-cache step" if step == "compiled" else "generate"
         print_table(
-            "decode: tokens/s through generate (routers untrained: speed depends on how many "
+            f"decode: tokens/s through {how} (routers untrained: speed depends on how many "
             "experts run, not on which)",
             [_decode_row(row) for row in results["decode"]],
         )

@@ -39,6 +39,8 @@ class BenchConfig:
         data: built-in text for TEAL's calibration.
         expert_fractions: router budgets of the moefied variants.
         teal_sparsity: TEAL's target share of zeroed inputs.
+        compile: time decoding through :class:`moefy.decoding.StaticDecoder` (static cache,
+            ``torch.compile``d step, dense and sparse alike) instead of ``generate``.
         version: config format version.
 
     Example:
@@ -56,6 +58,7 @@ class BenchConfig:
     data: str = "bbc-news"
     expert_fractions: tuple[float, ...] = (0.25, 0.125)
     teal_sparsity: float = 0.5
+    compile: bool = False
     version: int = BENCH_VERSION
 
     def __post_init__(self) -> None:
@@ -188,6 +191,7 @@ def _decode_rows(config: BenchConfig, built: dict[str, Any], threads: int) -> li
         config.new_tokens_or_default(),
         rounds=config.decode_rounds_or_default(),
         before=built["before"],
+        compiled=config.compile,
     )
     dense = speeds["dense"]
     rows = []
@@ -196,6 +200,7 @@ def _decode_rows(config: BenchConfig, built: dict[str, Any], threads: int) -> li
         rows.append(
             {
                 "threads": threads,
+                "step": "compiled" if config.compile else "generate",
                 "variant": method,
                 "active": float(active) if active else 1.0,
                 "tokens_per_s": speed.tokens_per_second,

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only", choices=("ffn", "decode"), default=None, help="measure one table only"
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time decoding with a static cache and a torch.compile'd step (dense and sparse "
+        "alike; about a minute of compiling per variant) instead of generate",
+    )
+    parser.add_argument(
         "--model", default="smollm2-135m", help="model of the decode table (built-in or folder)"
     )
     parser.add_argument(
@@ -46,13 +52,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         metavar="{cpu,cuda}",
         help="cpu (default): the C++ kernels and SmolLM2 decode; cuda: the Triton kernels "
-        "against cuBLAS on Llama-3 shapes (kernel level)",
+        "against cuBLAS on Llama-3 shapes, then decode of a random Llama-3-8B-shaped model",
     )
     parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
         help="with --device cuda: weight dtype (auto = bf16)",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=("llama3-8b", "smollm2-135m"),
+        default="llama3-8b",
+        help="with --device cuda: the random-weight model of the decode table",
+    )
+    parser.add_argument(
+        "--layers", type=positive_int, default=None, help="with --device cuda: decoder layers"
     )
     parser.add_argument("--out", default=None, help="write the results to this JSON file")
 
@@ -74,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         parts=(args.only,) if args.only else ("ffn", "decode"),
         model=args.model,
+        compile=args.compile,
     )
     with console().status("benchmarking") as status:
         results = run_bench(config, progress=lambda message: status.update(message))
@@ -85,21 +101,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
-    """``--device cuda``: the Triton kernels against cuBLAS (:func:`moefy.bench.run_gpu_bench`)."""
+    """``--device cuda``: the Triton kernels against cuBLAS (:func:`moefy.bench.run_gpu_bench`),
+    then decode of a random-weight model of real shapes, dense against TEAL and the MoE FFN
+    under CUDA graphs (:func:`moefy.bench.gpu_decode.run_decode_bench`)."""
     from moefy.bench import GpuBenchConfig, print_gpu_results, run_gpu_bench
+    from moefy.bench.gpu_decode import DecodeBenchConfig, print_decode_results, run_decode_bench
     from moefy.cli.show import console
-    from moefy.errors import MoefyError
     from moefy.io import write_json
 
-    if args.only == "decode":
-        raise MoefyError(
-            "the GPU bench measures kernels only so far: drop --only decode (end-to-end GPU "
-            "decode timing is not built yet)"
+    results = {}
+    if args.only != "decode":
+        config = GpuBenchConfig(dtype=dtype, rounds=args.rounds, quick=args.quick)
+        with console().status("benchmarking the kernels on the GPU") as status:
+            results = run_gpu_bench(config, device=device, progress=status.update)
+        print_gpu_results(results)
+    if args.only != "ffn":
+        decode_config = DecodeBenchConfig(
+            shape=args.shape,
+            layers=args.layers,
+            dtype=dtype,
+            new_tokens=args.new_tokens,
+            quick=args.quick,
+            compile=True,
         )
-    config = GpuBenchConfig(dtype=dtype, rounds=args.rounds, quick=args.quick)
-    with console().status("benchmarking on the GPU") as status:
-        results = run_gpu_bench(config, device=device, progress=status.update)
-    print_gpu_results(results)
+        with console().status("decoding on the GPU") as status:
+            decode = run_decode_bench(decode_config, device=device, progress=status.update)
+        print_decode_results(decode)
+        results["end_to_end"] = decode
     if args.out:
         write_json(args.out, results)
         console().print(f"results written to [bold]{args.out}[/bold]")

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=positive_int, default=1, help="timed generates per model (medians)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a static KV cache and a torch.compile'd step (CUDA graphs on a GPU), "
+        "dense and sparse alike; compiling takes about a minute per model",
+    )
     add_device_and_dtype(parser)
 
 
@@ -57,18 +63,23 @@ def run(args: argparse.Namespace) -> int:
             "train or attach routers (moefy train-routers) for speed"
         )
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)  # (1, T)
+    if prompt.shape[1] == 0:
+        raise MoefyError("the prompt is empty after tokenizing: give some text")
     text = tokenizer.decode(
         generate_exactly(model, prompt, args.max_new_tokens)[0, prompt.shape[1] :],
         skip_special_tokens=True,
     )
     console().print(f"[bold]{args.prompt}[/bold]{text}")
     models = {"dense": dense_copy(model), "sparse": model}
-    with console().status("timing dense and sparse decoding"):
-        speeds = decode_speeds(models, prompt, args.max_new_tokens, rounds=args.rounds)
+    with console().status("compiling and timing" if args.compile else "timing"):
+        speeds = decode_speeds(
+            models, prompt, args.max_new_tokens, rounds=args.rounds, compiled=args.compile
+        )
     dense = speeds["dense"]
+    step = "compiled static-cache step" if args.compile else "generate"
     print_table(
-        f"decode speed, {args.max_new_tokens} new tokens, {torch.get_num_threads()} thread(s), "
-        f"backend {args.backend}",
+        f"decode speed ({step}), {args.max_new_tokens} new tokens, "
+        f"{torch.get_num_threads()} thread(s), backend {args.backend}",
         [
             {
                 "model": name,

@@ -25,7 +25,7 @@ from moefy.kernels.backend import (
     use_backend,
 )
 from moefy.kernels.build import KernelBuildError
-from moefy.kernels.layout import transposed_weight
+from moefy.kernels.layout import is_all_zero, transposed_weight
 from moefy.kernels.ops import (
     SMALL_BATCH_MAX,
     expert_ffn,
@@ -33,6 +33,7 @@ from moefy.kernels.ops import (
     routed_expert_ffn,
     threshold_gate_up,
     threshold_linear,
+    threshold_linear_fits,
     threshold_linear_ready,
 )
 
@@ -46,11 +47,13 @@ __all__ = [
     "expert_ffn",
     "expert_ffn_activation",
     "get_backend",
+    "is_all_zero",
     "parse_backend",
     "routed_expert_ffn",
     "set_backend",
     "threshold_gate_up",
     "threshold_linear",
+    "threshold_linear_fits",
     "threshold_linear_ready",
     "transposed_weight",
     "use_backend",

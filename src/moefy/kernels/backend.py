@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import importlib.util
 import os
 import warnings
@@ -66,9 +65,14 @@ def get_backend() -> Backend:
     return chosen  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=8)
+_parsed: dict[str, Backend] = {}  # environment value -> backend (a plain dict: compile traces it)
+
+
 def _from_environment(value: str) -> Backend:
-    return parse_backend(value)  # asked on every decode step: parse each value once
+    chosen = _parsed.get(value)  # asked on every decode step: parse each value once
+    if chosen is None:
+        chosen = _parsed[value] = parse_backend(value)
+    return chosen
 
 
 def set_backend(backend: str | Backend | None) -> None:
@@ -117,10 +121,11 @@ def check_available(backend: Backend) -> None:
         )
 
 
-@functools.cache
 def triton_installed() -> bool:
     """Whether the triton package can be imported (it is not imported here; asked once)."""
-    return importlib.util.find_spec("triton") is not None
+    if _state.get("triton") is None:  # a plain memo, not functools.cache: compile traces this
+        _state["triton"] = importlib.util.find_spec("triton") is not None
+    return bool(_state["triton"])
 
 
 def triton_available() -> bool:
@@ -137,9 +142,14 @@ def cpu_extension() -> ModuleType | None:
     """The C++ kernel module, built or loaded once per process; None when it cannot be."""
     if _state["extension"] is None and _state["error"] is None:
         try:
-            _state["extension"] = load_extension()
+            extension = load_extension()
         except KernelBuildError as err:
             _state["error"] = str(err)
+        else:
+            from moefy.kernels.cpu import register_operators  # cpu imports this module
+
+            register_operators(extension)
+            _state["extension"] = extension
     return _state["extension"]  # type: ignore[return-value]
 
 

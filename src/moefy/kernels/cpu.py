@@ -6,9 +6,16 @@ Shape legend:
 
 Inputs must be float32 CPU tensors; the weights must be contiguous (they are read in place,
 never copied). Tokens, masks and thresholds are made contiguous here (they are small).
+
+Eager calls go straight to the extension's Python bindings (the cheapest call); under
+``torch.compile`` the same kernels run as the dispatcher operators the extension registers
+(``torch.ops.<library name>.*``, shapes given by the fake functions below), so a compiled decode
+step holds them in its graph.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 
@@ -18,13 +25,35 @@ from moefy.kernels.build import KernelBuildError
 from moefy.kernels.reference import RouterLayers
 
 _NO_BIAS = torch.empty(0)  # a router layer without bias, for the C++ side
+_OPERATORS: dict[str, object] = {}  # library name -> torch.ops namespace of its operators
 
 
 def _extension():
     extension = cpu_extension()
     if extension is None:
         raise KernelBuildError("the cpu kernels are not built; see moefy.kernels.backend")
+    if torch.compiler.is_compiling():
+        return _OPERATORS[extension.__name__]
     return extension
+
+
+def register_operators(extension: ModuleType) -> None:
+    """Give the extension's dispatcher operators fake (shape-only) functions, so that
+    ``torch.compile`` can trace them; called once, when the extension loads."""
+    namespace = extension.__name__
+    if namespace in _OPERATORS:
+        return
+
+    def same_as_x(x, *args):
+        return x.new_empty(x.shape)
+
+    def linear_out(x, weight_t, *args):
+        return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+    torch.library.register_fake(f"{namespace}::expert_ffn")(same_as_x)
+    torch.library.register_fake(f"{namespace}::routed_expert_ffn")(same_as_x)
+    torch.library.register_fake(f"{namespace}::threshold_linear")(linear_out)
+    _OPERATORS[namespace] = getattr(torch.ops, namespace)
 
 
 def expert_ffn(

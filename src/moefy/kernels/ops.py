@@ -288,9 +288,16 @@ def threshold_linear_ready(x: torch.Tensor, weight: torch.Tensor, threshold: tor
 
     A threshold of zero everywhere keeps the caller's dense path, which is then exact.
     """
+    # the weight's dtype and device decide (the kernels read its cached transposed copy)
+    return threshold_linear_fits(x, weight, contiguous=False) and not is_all_zero(threshold)
+
+
+def threshold_linear_fits(
+    x: torch.Tensor, weight: torch.Tensor, *, contiguous: bool = True
+) -> bool:
+    """Whether a kernel (under the backend in force) takes ``x`` (N, I) with this weight (a
+    contiguous (I, O) one; ``contiguous=False``: any layout, the kernel reads a transposed copy),
+    whatever the threshold."""
     if not 0 < x.shape[0] <= SMALL_BATCH_MAX:
         return False
-    # the weight's dtype and device decide (the kernels read its cached transposed copy)
-    if not _kernel_fits(resolve(x.device), x, weight, contiguous=False):
-        return False
-    return not is_all_zero(threshold)
+    return _kernel_fits(resolve(x.device), x, weight, contiguous=contiguous)

@@ -151,17 +151,40 @@ class ThresholdLinear(_InputSparseLinear):
         super().__init__(base_layer, layer=layer, role=role)
         shape = (self.in_features,) if per_channel else ()
         self.register_buffer("threshold", torch.zeros(shape, dtype=torch.float32))
+        # (I, O) weight for compiled steps, set by freeze_for_compile; None: the masked path
+        self._frozen_weight_t: torch.Tensor | None = None
 
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.masked_fill(x.abs() <= self.threshold, 0.0)
 
+    def freeze_for_compile(self) -> None:
+        """Decide the kernel's weight layout now, for ``torch.compile``d calls.
+
+        Eager calls find the transposed weight and the all-zero test in caches keyed by data
+        pointers, which a trace cannot evaluate; a compiled call uses what this stored instead
+        (the kernel when the threshold is not zero everywhere). Call it again after changing the
+        weight or zeroing the threshold; :class:`moefy.decoding.StaticDecoder` calls it.
+        """
+        dense = kernels.is_all_zero(self.threshold)
+        self._frozen_weight_t = None if dense else kernels.transposed_weight(self.base_layer)
+
+    def _kernel_weight(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The (I, O) weight the kernel reads if this call of (N, I) tokens takes it, else None."""
+        if torch.compiler.is_compiling():
+            weight_t = self._frozen_weight_t
+            fits = weight_t is not None and kernels.threshold_linear_fits(tokens, weight_t)
+            return weight_t if fits else None
+        if not kernels.threshold_linear_ready(tokens, self.base_layer.weight, self.threshold):
+            return None
+        return kernels.transposed_weight(self.base_layer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.in_features)  # (N, I)
-        if not kernels.threshold_linear_ready(tokens, self.base_layer.weight, self.threshold):
+        weight_t = self._kernel_weight(tokens)  # (I, O) or None
+        if weight_t is None:
             return super().forward(x)  # the masked path (the reference)
         # Decode-sized batch: a kernel (C++ on the CPU, Triton on CUDA) that skips the weight
         # rows of dropped inputs and counts them into zeros_seen itself.
-        weight_t = kernels.transposed_weight(self.base_layer)  # (I, O)
         out = kernels.threshold_linear(
             tokens,
             weight_t,

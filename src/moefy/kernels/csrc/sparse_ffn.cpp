@@ -445,6 +445,37 @@ double stream_sum(const at::Tensor& buffer) {
   return total;
 }
 
+// The kernels as dispatcher operators too, in a namespace named after this build
+// (torch.ops.<library name>.*), so torch.compile can put them in a graph: the compiled decode
+// step calls them without returning to Python. Python registers their fake (shape) functions.
+at::Tensor routed_expert_ffn_op(const at::Tensor& x, at::TensorList router, int64_t k,
+                                at::Tensor& counts, at::Tensor& tokens_seen,
+                                const at::Tensor& w_in, const at::Tensor& w_out,
+                                const std::optional<at::Tensor>& b_in,
+                                const std::optional<at::Tensor>& b_out, int64_t act, bool gated) {
+  return routed_expert_ffn(x, router.vec(), k, counts, tokens_seen, w_in, w_out, b_in, b_out,
+                           act, gated);
+}
+
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "expert_ffn(Tensor x, Tensor mask, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, "
+      "int act, bool gated) -> Tensor");
+  m.def(
+      "routed_expert_ffn(Tensor x, Tensor[] router, int k, Tensor(a!) counts, "
+      "Tensor(b!) tokens_seen, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, int act, "
+      "bool gated) -> Tensor");
+  m.def(
+      "threshold_linear(Tensor x, Tensor weight_t, Tensor? bias, Tensor threshold, "
+      "Tensor(a!)? zeros_out) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("expert_ffn", &expert_ffn);
+  m.impl("routed_expert_ffn", &routed_expert_ffn_op);
+  m.impl("threshold_linear", &threshold_linear);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moefy sparse FFN kernels (AVX2 + FMA, fp32)";
   m.def("expert_ffn", &expert_ffn, "selected experts' FFN output (N, D)");
