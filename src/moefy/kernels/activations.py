@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 
 import torch
 import torch.nn.functional as Fn
@@ -21,7 +20,10 @@ ACTIVATIONS = {"relu": 0, "silu": 1, "gelu_tanh": 2, "gelu_erf": 3}
 PROBE_LIMIT = 6.0
 PROBE_POINTS = 97
 PROBE_TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
-_kinds: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+# The probe's answer is kept on the module itself (a plain attribute, outside the state dict):
+# a compiled step reads it like any attribute, and it lives exactly as long as the module.
+_KIND_ATTRIBUTE = "_moefy_kernel_activation"
+_UNPROBED = object()
 
 
 def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,10 +46,9 @@ def activation_name(act: nn.Module) -> str | None:
         >>> activation_name(nn.GELU(approximate="tanh"))
         'gelu_tanh'
     """
-    try:
-        return _kinds[act]
-    except (KeyError, TypeError):
-        pass
+    known = getattr(act, _KIND_ATTRIBUTE, _UNPROBED)
+    if known is not _UNPROBED:
+        return known  # type: ignore[return-value]
     probe = torch.linspace(-PROBE_LIMIT, PROBE_LIMIT, PROBE_POINTS, dtype=torch.float32)
     probe = torch.cat([probe, probe.new_tensor([0.0, 1e-3, -1e-3, math.pi])])
     try:
@@ -61,6 +62,6 @@ def activation_name(act: nn.Module) -> str | None:
             if torch.allclose(seen.float(), apply_activation(probe, name), **PROBE_TOLERANCE):
                 found = name
                 break
-    with contextlib.suppress(TypeError):  # not weak-referenceable: probe again next time
-        _kinds[act] = found
+    with contextlib.suppress(AttributeError, TypeError):  # no attributes: probe next time
+        setattr(act, _KIND_ATTRIBUTE, found)
     return found
