@@ -126,6 +126,36 @@ def decode_speeds(
     return speeds
 
 
+def speed_rows(
+    speeds: Mapping[str, DecodeSpeed], *, threads: int, step: str
+) -> list[dict[str, object]]:
+    """Table rows of :func:`decode_speeds`' results, against the ``dense`` entry.
+
+    Names are ``variant`` or ``variant@active`` (the share of weights or experts it keeps).
+    Each row: ``threads``, ``step`` (``generate`` or ``compiled``), ``variant``, ``active``,
+    ``tokens_per_s``, ``ms_per_token``, ``speedup`` (dense time over its time, same rounds),
+    ``mb_per_token`` and ``limit_speedup`` (dense bytes over its bytes per token).
+    """
+    dense = speeds["dense"]
+    rows = []
+    for name, speed in speeds.items():
+        variant, _, active = name.partition("@")
+        rows.append(
+            {
+                "threads": threads,
+                "step": step,
+                "variant": variant,
+                "active": float(active) if active else 1.0,
+                "tokens_per_s": speed.tokens_per_second,
+                "ms_per_token": speed.seconds_per_token * 1e3,
+                "speedup": dense.seconds_per_token / speed.seconds_per_token,
+                "mb_per_token": speed.bytes_per_token / 1e6,
+                "limit_speedup": dense.bytes_per_token / speed.bytes_per_token,
+            }
+        )
+    return rows
+
+
 def _decoder(
     model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compiled: bool
 ) -> Callable[[int], torch.Tensor]:

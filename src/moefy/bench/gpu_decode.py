@@ -220,12 +220,11 @@ def run_decode_bench(
         progress: optional ``str -> None`` told what is being done.
 
     Returns:
-        ``{"config", "device", "note", "decode": [rows]}``; each row has ``variant``, ``active``
-        (share of weights the variant keeps: 1 - sparsity, or the expert share),
-        ``tokens_per_s``, ``ms_per_token``, ``speedup`` (over dense, same rounds),
-        ``mb_per_token`` and ``limit_speedup``.
+        ``{"config", "device", "note", "decode": [rows]}``; rows as
+        :func:`moefy.bench.decode.speed_rows` (``threads`` 0; ``active``: 1 - sparsity, or the
+        share of experts).
     """
-    from moefy.bench.decode import decode_speeds
+    from moefy.bench.decode import decode_speeds, speed_rows
 
     say = progress or (lambda _message: None)
     say(f"building a random {config.shape}-shaped model ({config.dtype})")
@@ -254,21 +253,9 @@ def run_decode_bench(
         before=before,
         compiled=config.compile,
     )
-    base = speeds["dense"]
-    rows = []
-    for name, speed in speeds.items():
-        variant, _, active = name.partition("@")
-        rows.append(
-            {
-                "variant": variant,
-                "active": float(active) if active else 1.0,
-                "tokens_per_s": speed.tokens_per_second,
-                "ms_per_token": speed.seconds_per_token * 1e3,
-                "speedup": base.seconds_per_token / speed.seconds_per_token,
-                "mb_per_token": speed.bytes_per_token / 1e6,
-                "limit_speedup": base.bytes_per_token / speed.bytes_per_token,
-            }
-        )
+    # host threads do not apply to GPU rows: 0, as in the GPU kernel bench
+    step = "compiled" if config.compile else "eager"
+    rows = speed_rows(speeds, threads=0, step=step)
     return {
         "config": config.to_dict(),
         "device": str(device),
@@ -279,6 +266,7 @@ def run_decode_bench(
 
 def print_decode_results(results: dict[str, Any]) -> None:
     """Print the table of :func:`run_decode_bench`."""
+    from moefy.bench.report import decode_table_row
     from moefy.cli.show import print_table
 
     config = results["config"]
@@ -286,16 +274,5 @@ def print_decode_results(results: dict[str, Any]) -> None:
     print_table(
         f"decode on {results['device']}, {config['shape']} shapes, {config['dtype']}, {step} "
         f"({results['note']}; limit = dense bytes / variant bytes per token)",
-        [
-            {
-                "variant": row["variant"],
-                "active": f"{row['active']:.1%}",
-                "tok/s": row["tokens_per_s"],
-                "ms/token": row["ms_per_token"],
-                "MB/token": row["mb_per_token"],
-                "speedup": f"{row['speedup']:.2f}x",
-                "limit": f"{row['limit_speedup']:.2f}x",
-            }
-            for row in results["decode"]
-        ],
+        [decode_table_row(row, threads=False) for row in results["decode"]],
     )

@@ -31,7 +31,7 @@ def print_results(results: dict[str, Any]) -> None:
         print_table(
             f"decode: tokens/s through {how} (routers untrained: speed depends on how many "
             "experts run, not on which)",
-            [_decode_row(row) for row in results["decode"]],
+            [decode_table_row(row) for row in results["decode"]],
         )
 
 
@@ -54,14 +54,18 @@ def _ffn_row(row: dict[str, Any]) -> dict[str, object]:
     }
 
 
-def _decode_row(row: dict[str, Any]) -> dict[str, object]:
-    return {
-        "thr": row["threads"],
-        "variant": row["variant"],
-        "active": f"{row['active']:.1%}",
-        "tok/s": row["tokens_per_s"],
-        "ms/token": row["ms_per_token"],
-        "MB/token": row["mb_per_token"],
-        "speedup": f"{row['speedup']:.2f}x",
-        "limit": f"{row['limit_speedup']:.2f}x",
-    }
+def decode_table_row(row: dict[str, Any], *, threads: bool = True) -> dict[str, object]:
+    """One printed row of a decode table (see :func:`moefy.bench.decode.speed_rows`)."""
+    shown: dict[str, object] = {"thr": row["threads"]} if threads else {}
+    shown.update(
+        {
+            "variant": row["variant"],
+            "active": f"{row['active']:.1%}",
+            "tok/s": row["tokens_per_s"],
+            "ms/token": row["ms_per_token"],
+            "MB/token": row["mb_per_token"],
+            "speedup": f"{row['speedup']:.2f}x",
+            "limit": f"{row['limit_speedup']:.2f}x",
+        }
+    )
+    return shown

@@ -183,7 +183,7 @@ def _decode_models(config: BenchConfig, say) -> dict[str, Any]:
 
 
 def _decode_rows(config: BenchConfig, built: dict[str, Any], threads: int) -> list[dict]:
-    from moefy.bench.decode import decode_speeds
+    from moefy.bench.decode import decode_speeds, speed_rows
 
     speeds = decode_speeds(
         built["models"],
@@ -193,21 +193,4 @@ def _decode_rows(config: BenchConfig, built: dict[str, Any], threads: int) -> li
         before=built["before"],
         compiled=config.compile,
     )
-    dense = speeds["dense"]
-    rows = []
-    for name, speed in speeds.items():
-        method, _, active = name.partition("@")
-        rows.append(
-            {
-                "threads": threads,
-                "step": "compiled" if config.compile else "generate",
-                "variant": method,
-                "active": float(active) if active else 1.0,
-                "tokens_per_s": speed.tokens_per_second,
-                "ms_per_token": speed.seconds_per_token * 1e3,
-                "speedup": dense.seconds_per_token / speed.seconds_per_token,
-                "mb_per_token": speed.bytes_per_token / 1e6,
-                "limit_speedup": dense.bytes_per_token / speed.bytes_per_token,
-            }
-        )
-    return rows
+    return speed_rows(speeds, threads=threads, step="compiled" if config.compile else "generate")
