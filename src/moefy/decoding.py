@@ -73,7 +73,7 @@ class StaticDecoder:
         )
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, 1) tokens at cache positions (1,) -> (B, 1, V) logits."""
+        """(B, L) tokens at cache positions (L,) -> (B, 1, V) logits of the last one."""
         return self.model(
             input_ids=tokens,
             past_key_values=self.cache,
@@ -108,13 +108,8 @@ class StaticDecoder:
             )
         with torch.inference_mode():  # the cache's tensors are made (lazily) in here too
             self.cache.reset()
-            prefill = self.model(
-                input_ids=input_ids,
-                past_key_values=self.cache,
-                cache_position=torch.arange(length, device=self.device),
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
+            # the prompt runs eagerly: its length varies, the compiled step is for one token
+            prefill = self._forward(input_ids, torch.arange(length, device=self.device))
             token = prefill[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             tokens = [token]
             for step in range(new_tokens - 1):

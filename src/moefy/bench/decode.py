@@ -4,8 +4,8 @@ bytes of weights each generated token reads (what bounds decode on a CPU).
 Decode time per token is ``(T(n) - T(1)) / (n - 1)`` with ``T(n)`` the median time of a greedy
 ``generate`` of exactly ``n`` new tokens: the prompt's prefill cancels out. All models are timed
 round-robin in the same rounds, through transformers' ``generate`` or, compiled, through
-:class:`moefy.decoding.StaticDecoder` (static cache, ``torch.compile``d step; each model is
-compiled before the timed rounds).
+:class:`moefy.decoding.StaticDecoder` (static cache, ``torch.compile``d step; each model
+compiles in the untimed warm-up round).
 """
 
 from __future__ import annotations
@@ -106,10 +106,6 @@ def decode_speeds(
             return decode[name](n)
 
         return run
-
-    if compiled:
-        for name in models:
-            call(name, 2)()  # compile now, not in the warm-up round
 
     variants = {}
     for name in models:
