@@ -130,3 +130,16 @@ def test_decode_speeds_compiled_times_every_variant():
     assert all(speed.seconds_per_token > 0 for speed in speeds.values())
     # the routed model reads a quarter of its experts: fewer bytes per token
     assert speeds["experts"].bytes_per_token < speeds["dense"].bytes_per_token
+
+
+def test_frozen_layout_follows_a_dtype_move():
+    model = _teal()
+    layers = [m for m in model.modules() if hasattr(m, "freeze_for_compile")]
+    assert layers
+    for layer in layers:
+        layer.freeze_for_compile()
+    model.to(torch.float64)
+    for layer in layers:
+        frozen = layer._frozen_weight_t
+        assert frozen is not None and frozen.dtype == torch.float64
+        assert torch.equal(frozen, layer.base_layer.weight.detach().t())

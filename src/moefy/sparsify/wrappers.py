@@ -168,6 +168,13 @@ class ThresholdLinear(_InputSparseLinear):
         dense = kernels.is_all_zero(self.threshold)
         self._frozen_weight_t = None if dense else kernels.transposed_weight(self.base_layer)
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cuda() replace the weight; a frozen layout must follow it
+        result = super()._apply(fn, recurse)
+        if self._frozen_weight_t is not None:
+            self.freeze_for_compile()
+        return result
+
     def _kernel_weight(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The (I, O) weight the kernel reads if this call of (N, I) tokens takes it, else None."""
         if torch.compiler.is_compiling():
