@@ -21,24 +21,19 @@ def routed_folder(tmp_path):
     return save(model, tmp_path / "moe-routed", tokenizer=tiny_tokenizer())
 
 
-def test_generate_prints_dense_and_sparse_speed(routed_folder, capsys):
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(routed_folder),
-            "--prompt",
-            "the market",
-            "--max-new-tokens",
-            "4",
-            "--backend",
-            "cpu",
-        ]
-    )
+def _generate(folder, capsys, *options):
+    """Exit code, printed text and its table rows by name of ``moefy generate`` on ``folder``."""
+    argv = ["generate", "--model", str(folder), "--prompt", "the market", *options]
+    code = main(argv)
     out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    return code, out, rows
+
+
+def test_generate_prints_dense_and_sparse_speed(routed_folder, capsys):
+    code, out, rows = _generate(routed_folder, capsys, "--max-new-tokens", "4", "--backend", "cpu")
     assert code == 0
     assert out.startswith("the market")
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
     assert {"dense", "sparse"} <= set(rows)
     # the sparse model reads fewer weight bytes per token than the dense one
     dense_mb, sparse_mb = (float(rows[k].split("│")[4]) for k in ("dense", "sparse"))
@@ -66,20 +61,7 @@ def test_bad_arguments_are_one_line_errors(argv, pattern, capsys):
 
 
 def test_generate_compiled_prints_dense_and_sparse_speed(routed_folder, capsys):
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(routed_folder),
-            "--prompt",
-            "the market",
-            "--max-new-tokens",
-            "3",
-            "--compile",
-        ]
-    )
-    out = capsys.readouterr().out
+    code, out, rows = _generate(routed_folder, capsys, "--max-new-tokens", "3", "--compile")
     assert code == 0
     assert "compiled static-cache step" in out
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
     assert {"dense", "sparse"} <= set(rows)
