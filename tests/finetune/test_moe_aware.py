@@ -4,6 +4,7 @@ CLI trains, saves and loads a moefied model."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -212,6 +213,9 @@ def test_cli_errors_for_moe_flags_on_dense_and_relufy_on_moefied(
     assert main(["finetune", "--model", str(dense_dir), *common, "--fraction", "0.5",
                  "--out", str(tmp_path / "a")]) == 2  # fmt: skip
     assert "--fraction apply to moefied models" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(dense_dir), *common, "--train", "routers",
+                 "--straight-through", "0.5", "--out", str(tmp_path / "c")]) == 2  # fmt: skip
+    assert "--straight-through, --train apply to moefied models" in capsys.readouterr().err
     assert main(["finetune", "--model", str(routed_dir), *common, "--relufy",
                  "--out", str(tmp_path / "b")]) == 2  # fmt: skip
     assert "relufy the dense model" in capsys.readouterr().err
@@ -278,3 +282,101 @@ def test_router_hits_count_the_true_best_among_the_chosen():
     record = ExpertTrainingRecord(norms, torch.zeros(2, 4), mask)
     assert router_hits([record]) == (2, 3)  # token 0: 1 of its true top-2; token 1: its best
     assert router_hits([ExpertTrainingRecord(norms, None, mask)]) == (0, 0)  # no router
+
+
+def test_straight_through_gates_equal_the_mask_and_pass_gradient_at_the_boundary():
+    from moefy.moe.module import straight_through_gates
+
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    gates = straight_through_gates(scores, mask, temperature=0.5)
+    assert torch.equal(gates, mask.float())
+    (gates * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    grad = scores.grad
+    assert bool((grad[0] > 0).all())  # raising any score raises its gate
+    assert grad[0, 1] > grad[0, 0] and grad[0, 2] > grad[0, 3]  # most where the boundary is
+    assert bool((grad[1] == 0).all())  # every expert selected: no boundary, no gradient
+
+
+def test_straight_through_lets_the_lm_loss_reach_the_routers():
+    model, ids = _routed(fraction=0.25), _blocks().input_ids[:2, :6]
+    with torch.no_grad():
+        inference = model(input_ids=ids, use_cache=False).logits
+    with RoutedTraining(model, straight_through=0.5) as routed:
+        logits = model(input_ids=ids, use_cache=False).logits
+        assert len(routed.take()) == len(moe_layers(model))
+    torch.testing.assert_close(logits, inference, rtol=1e-5, atol=1e-5)  # still hard selection
+    logits.float().square().mean().backward()
+    for moe in moe_layers(model):
+        assert all(float(p.grad.abs().sum()) > 0 for p in moe.selector.parameters())
+    with pytest.raises(MoefyError, match="temperature"):
+        moe_layers(model)[0].record_training([], straight_through=0.0)
+
+
+def test_training_routers_only_end_to_end_moves_only_routers_and_beats_the_oracle():
+    from moefy.moe.selectors import OracleSelector
+
+    data = _blocks(4)  # one batch, trained on and scored on: the fit shows, not generalisation
+    model = _routed(trained=False, fraction=0.25)
+    with torch.no_grad():
+        for moe in moe_layers(model):
+            moe.w_out.mul_(30.0)  # FFNs that matter to the loss, so the selection does too
+    oracle = copy.deepcopy(model)
+    for moe in moe_layers(oracle):
+        moe.selector = OracleSelector(E, fraction=0.25)
+    start = {n: t.clone() for n, t in model.state_dict().items()}
+    before = _lm_loss(model, data)
+    config = FinetuneConfig(
+        max_steps=40, lr=1e-2, warmup_steps=0, batch_size=4, reg="none", router_loss=0.0,
+        straight_through=0.5, train="routers",
+    )  # fmt: skip
+    finetune(model, data, config)
+    moved = {n: float((t - start[n]).abs().max()) for n, t in model.state_dict().items()}
+    assert min(v for n, v in moved.items() if ".selector." in n and "weight" in n) > 1e-3
+    assert max(v for n, v in moved.items() if ".selector." not in n) == 0.0
+    assert all(p.requires_grad for p in model.parameters())  # given back after training
+    # the language-model loss alone, through the straight-through gates, taught the routers
+    # a selection better for it than the experts' norms (the oracle's choice) on this batch
+    assert _lm_loss(model, data) < min(before, _lm_loss(oracle, data)) - 0.01
+
+
+def test_errors_for_router_only_training_settings():
+    with pytest.raises(MoefyError, match="moefied model"):
+        finetune(tiny_model("llama"), _blocks(), FinetuneConfig(max_steps=1, train="routers"))
+    with pytest.raises(MoefyError, match="moefied model"):
+        finetune(tiny_model("llama"), _blocks(), FinetuneConfig(max_steps=1, straight_through=1.0))
+    with pytest.raises(MoefyError, match="temperature"):
+        FinetuneConfig(max_steps=1, straight_through=0.0)
+    with pytest.raises(MoefyError, match="train must be"):
+        FinetuneConfig(max_steps=1, train="experts")
+    with pytest.raises(MoefyError, match="trains nothing"):
+        FinetuneConfig(max_steps=1, train="routers", router_loss=0.0)
+    model = _routed(fraction=0.25)
+    set_routing(model, "topk", fraction=0.25)
+    from moefy.moe.selectors import OracleSelector
+
+    for moe in moe_layers(model):
+        moe.selector = OracleSelector(E, fraction=0.25)
+    with pytest.raises(MoefyError, match="nothing to train"):
+        finetune(model, _blocks(), FinetuneConfig(max_steps=1, train="routers"))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_cli_trains_the_routers_only_end_to_end(tmp_path, tiny_text_and_moe):
+    from moefy.cli.main import main
+    from moefy.models.load import load_model
+
+    text, routed_dir = tiny_text_and_moe
+    out = tmp_path / "routers"
+    args = [
+        "finetune", "--model", str(routed_dir), "--data", str(text), "--block-len", "16",
+        "--tokens", "512", "--batch-size", "4", "--steps", "3", "--reg", "none",
+        "--fraction", "0.25", "--distill", "1", "--train", "routers", "--straight-through", "0.5",
+        "--lr", "1e-2", "--eval-tokens", "0", "--out", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "finetune_report.json").read_text())
+    assert summary["report"]["config"]["train"] == "routers"
+    before, after = load_model(routed_dir)[0].state_dict(), load_model(out)[0].state_dict()
+    changed = {n for n, t in after.items() if not torch.equal(t, before[n])}
+    assert changed and all(".selector." in n for n in changed)

@@ -141,11 +141,13 @@ def test_cli_relufies_trains_saves_and_reports(tmp_path, capsys):
     assert "budget" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_cli_offers_every_regulariser():
+def test_cli_offers_every_regulariser_and_trained_part():
     from moefy.cli import finetune_cmd
     from moefy.finetune import REGULARIZERS
+    from moefy.finetune.config import TRAINED_PARTS
 
     assert finetune_cmd.REGULARIZERS == REGULARIZERS
+    assert finetune_cmd.TRAINED_PARTS == TRAINED_PARTS
 
 
 def _two_rank_worker(rank: int, out_dir: str) -> None:

@@ -22,6 +22,8 @@ REPORT_FILE = "finetune_report.json"
 
 # moefy.finetune.REGULARIZERS, spelled out so that --help does not import torch (a test checks)
 REGULARIZERS = ("none", "l1", "hoyer", "prosparse")
+# moefy.finetune.config.TRAINED_PARTS, likewise
+TRAINED_PARTS = ("all", "routers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +77,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="weight of the Hoyer measure of each token's expert norms (fewer experts per token)",
     )
+    moe.add_argument(
+        "--straight-through",
+        type=positive_float,
+        default=None,
+        metavar="T",
+        help="the language-model and distillation losses train the routers too, through a "
+        "straight-through estimate of the selection at temperature T (e.g. 0.5)",
+    )
+    moe.add_argument(
+        "--train",
+        choices=TRAINED_PARTS,
+        default="all",
+        help="what trains: every weight, or the routers only (the model frozen; with "
+        "--straight-through and --distill the routers fit the model with every expert)",
+    )
     parser.add_argument("--minutes", type=positive_float, default=None, help="time budget")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimiser-step budget")
     parser.add_argument(
@@ -121,6 +138,10 @@ def _set_moe_routing(model, args: argparse.Namespace) -> bool:
         given = [f"--{n}" for n in ("fraction", "tau") if getattr(args, n) is not None]
         if args.efficiency > 0:
             given.append("--efficiency")
+        if args.straight_through is not None:
+            given.append("--straight-through")
+        if args.train != "all":
+            given.append("--train")
         if given:
             raise MoefyError(
                 f"{', '.join(given)} apply to moefied models; {args.model} has dense FFNs "
@@ -169,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         router_loss=args.router_loss,
         router_lr=args.router_lr,
         efficiency=args.efficiency,
+        straight_through=args.straight_through,
+        train=args.train,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )

@@ -9,6 +9,8 @@ from moefy.finetune.regularizers import REGULARIZERS
 from moefy.jsonconfig import JsonConfig
 
 CONFIG_VERSION = 1
+# what FinetuneConfig.train may name: every parameter, or a moefied model's routers only
+TRAINED_PARTS = ("all", "routers")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class FinetuneConfig(JsonConfig):
             larger one (10x) lets them follow.
         efficiency: moefied models: weight of the Hoyer measure of each token's expert norms,
             which pushes its output mass into fewer experts (0: none).
+        straight_through: moefied models: a temperature T > 0 with which the language-model
+            and distillation losses train the routers too (straight-through estimator of the
+            hard selection, see :func:`moefy.moe.module.straight_through_gates`), or None.
+        train: ``all`` (every parameter) or ``routers`` (moefied models: the routers only, the
+            rest frozen; with ``straight_through`` and ``distill`` this fits the routers end to
+            end to the model with every expert).
         checkpoint_every: optimiser steps between checkpoints (0: only at the end).
         log_every: optimiser steps between log rows.
         seed: seed of the data order and of everything random in the run.
@@ -68,6 +76,8 @@ class FinetuneConfig(JsonConfig):
     router_loss: float = 1.0
     router_lr: float | None = None
     efficiency: float = 0.0
+    straight_through: float | None = None
+    train: str = "all"
     checkpoint_every: int = 50
     log_every: int = 5
     seed: int = 0
@@ -113,5 +123,21 @@ class FinetuneConfig(JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise MoefyError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.straight_through is not None and (
+            isinstance(self.straight_through, bool)
+            or not isinstance(self.straight_through, (int, float))
+            or not self.straight_through > 0
+        ):
+            raise MoefyError(
+                f"straight_through must be a temperature > 0 (or None), got "
+                f"{self.straight_through!r}"
+            )
+        if self.train not in TRAINED_PARTS:
+            raise MoefyError(f"train must be one of {', '.join(TRAINED_PARTS)}, got {self.train!r}")
+        if self.train == "routers" and self.straight_through is None and not self.router_loss:
+            raise MoefyError(
+                "train='routers' with router_loss 0 and no straight_through trains nothing: "
+                "give --straight-through or a --router-loss above 0"
+            )
         if self.version != CONFIG_VERSION:
             raise MoefyError(f"FinetuneConfig version {self.version} is not {CONFIG_VERSION}")

@@ -13,6 +13,12 @@ Two terms join the loss (:func:`finetune` adds them):
 - the router loss: each learned router fits the true norms of the experts as they change
   (ListNet on log norms, the loss :func:`~moefy.routing.train_routers` uses by default); the
   router's input is detached, so this term trains the router only;
+- with ``straight_through`` (a temperature), the language-model and distillation losses train
+  the routers as well: the selection stays hard in the forward, and the backward passes each
+  expert's contribution to the loss to its router score through a sigmoid around the token's
+  selection boundary (:func:`~moefy.moe.module.straight_through_gates`). With the rest of the
+  model frozen (``FinetuneConfig.train="routers"``) this fits the routers to what the loss needs
+  (which experts the output cannot do without), not only to the experts' norms;
 - the efficiency term: the Hoyer measure of each token's expert norms, (sum_e n_e)^2 /
   (E * sum_e n_e^2) in [1/E, 1], which pushes a token's output mass into fewer experts, so
   dynamic k (a share tau of the mass) keeps fewer of them and top-k loses less.
@@ -43,15 +49,16 @@ class RoutedTraining:
         ...     loss = lm_loss(model(ids)) + routed.router_loss() + 0.1 * routed.efficiency()
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, straight_through: float | None = None) -> None:
         self.layers = moe_layers(model)
         if not self.layers:
             raise MoefyError("routed training needs a moefied model (moefy convert / moefy_)")
         self.records: list[ExpertTrainingRecord] = []
+        self.straight_through = straight_through
 
     def __enter__(self) -> RoutedTraining:
         for moe in self.layers:
-            moe.record_training(self.records)
+            moe.record_training(self.records, straight_through=self.straight_through)
         return self
 
     def __exit__(self, *exc: object) -> None:

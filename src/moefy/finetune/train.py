@@ -173,6 +173,16 @@ def _param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, An
     return [g for g in groups if g["params"]]
 
 
+def _freeze_all_but_routers(model: nn.Module) -> list[nn.Parameter]:
+    """Stop gradients to every trainable parameter outside the MoE selectors; the ones
+    stopped, to be given back after training."""
+    routers = {id(p) for m in moe_layers(model) for p in m.selector.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in routers]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
 def _check_data(data: TokenBlocks, config: FinetuneConfig, world: int) -> None:
     if not isinstance(data, TokenBlocks):
         raise MoefyError(f"data must be TokenBlocks (load_text(...).blocks(...)), got {data!r}")
@@ -281,11 +291,28 @@ def finetune(
             "the efficiency term applies to moefied models (moefy convert, then train-routers); "
             "this model has dense FFNs: use --reg for neuron sparsity"
         )
+    for name, wanted in (
+        ("straight_through", config.straight_through is not None),
+        ("train='routers'", config.train == "routers"),
+    ):
+        if wanted and not routed_model:
+            raise MoefyError(
+                f"{name} trains routers: give a moefied model with routers (moefy convert, "
+                "then train-routers)"
+            )
     if config.distill > 0 and teacher is None:  # the model as it is on entry, before a resume
         teacher = all_experts_teacher(model) if routed_model else copy.deepcopy(model)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    frozen = _freeze_all_but_routers(model) if config.train == "routers" else []
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        for p in frozen:
+            p.requires_grad_(True)
+        raise MoefyError(
+            "nothing to train: the model's selectors have no weights (train-routers gives it "
+            "learned routers)"
+        )
     optimizer = torch.optim.AdamW(
         _param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -305,7 +332,11 @@ def finetune(
     acts: list[torch.Tensor] = []  # FFN activation outputs of the current forward
     hooks = contextlib.ExitStack()
     hooks.enter_context(hook_activations(model, acts.append))
-    routed = hooks.enter_context(RoutedTraining(model)) if routed_model else None
+    routed = (
+        hooks.enter_context(RoutedTraining(model, straight_through=config.straight_through))
+        if routed_model
+        else None
+    )
     history: list[dict[str, float]] = []
     pending: list[dict[str, float]] = []
     was_training = model.training
@@ -442,6 +473,8 @@ def finetune(
         hooks.close()
         bar.close()
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
     return FinetuneReport(
         config=config,
         steps=steps,

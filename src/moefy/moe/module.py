@@ -119,6 +119,7 @@ class MoEFFN(nn.Module):
         )
         self._next_selection: torch.Tensor | None = None
         self._training_records: list[ExpertTrainingRecord] | None = None
+        self._straight_through: float | None = None
         # Weightless (meta) copies of the replaced dense modules by slot, kept in a plain dict so
         # they stay outside the module tree and the state dict; unmoefy materialises them.
         self._dense_skeleton: dict[str, nn.Module] = {}
@@ -346,13 +347,29 @@ class MoEFFN(nn.Module):
             raise MoefyError("select_next needs a tensor: a boolean mask or expert ids")
         self._next_selection = selection
 
-    def record_training(self, records: list[ExpertTrainingRecord] | None) -> None:
+    def record_training(
+        self,
+        records: list[ExpertTrainingRecord] | None,
+        *,
+        straight_through: float | None = None,
+    ) -> None:
         """Train with the selection in the loop: while ``records`` is a list, each forward
         computes every expert, keeps only the selected ones' outputs (so the loss sees what
         inference runs) and appends an :class:`ExpertTrainingRecord` (true norms for an
         efficiency term, the router's prediction for its loss). ``None`` ends it.
+
+        Args:
+            records: the list the records go to, or None to end routed training.
+            straight_through: a temperature T > 0 to let the model's own loss train a learned
+                router: the hard selection stays in the forward, and the backward sees each
+                expert's gate as ``sigmoid((score - boundary) / T)`` of the router's predicted
+                log norm against the token's selection boundary (straight-through estimator;
+                see :func:`straight_through_gates`). None: the router learns only from its fit.
         """
+        if straight_through is not None and not straight_through > 0:
+            raise MoefyError(f"straight_through must be a temperature > 0, got {straight_through}")
         self._training_records = records
+        self._straight_through = None if records is None else straight_through
 
     def _forward_training(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, D) for :meth:`record_training`."""
@@ -364,6 +381,11 @@ class MoEFFN(nn.Module):
         elif selector.trainable:  # a learned router: fit it, select by what it predicts
             predicted = selector.predict_log_norms(tokens.detach())  # (N, E)
             mask = selector.mask_from_scores(predicted.detach().float().exp())
+            if self._straight_through is not None:
+                self._count(mask)
+                self._training_records.append(ExpertTrainingRecord(norms, predicted, mask))
+                gates = straight_through_gates(predicted, mask, self._straight_through)
+                return self._forward_from_hidden(hidden, gates.to(hidden.dtype))
         elif isinstance(selector, OracleSelector):
             mask = selector.mask_from_scores(norms.detach())
         else:
@@ -448,7 +470,8 @@ class MoEFFN(nn.Module):
 
         Args:
             hidden: (N, E, S) activations of every expert.
-            mask: (N, E) experts to keep per token.
+            mask: (N, E) experts to keep per token (boolean, or 0 / 1 gates in hidden's dtype
+                that may carry a straight-through gradient).
 
         Returns:
             (N, D): sum over selected e of ``h_e @ W_out_e`` (+ down bias).
@@ -538,6 +561,36 @@ class MoEFFN(nn.Module):
             f"d_model={self.d_model}, experts={self.num_experts}, expert_size={self.expert_size}, "
             f"gated={self.gated}, layer={self.layer_index}"
         )
+
+
+def straight_through_gates(
+    log_scores: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Gates equal to ``mask`` whose gradient is that of a sigmoid around the selection boundary.
+
+    Per token the boundary is halfway between the lowest selected and the highest unselected
+    score, so top-k, dynamic k and relative selection all get one; the gradient reaches the
+    scores of the experts near it (``sigmoid'((score - boundary) / T) / T``), where a change
+    of score changes the selection. A token that selects every expert (or none) has no
+    boundary and passes no gradient.
+
+    Args:
+        log_scores: (N, E) differentiable router scores (predicted log norms).
+        mask: (N, E) boolean selection made from them.
+        temperature: T > 0, in units of the scores.
+
+    Returns:
+        (N, E) float gates: exactly ``mask`` in value.
+    """
+    scores = log_scores.float()
+    with torch.no_grad():
+        low = scores.masked_fill(~mask, float("inf")).amin(dim=-1, keepdim=True)  # (N, 1)
+        high = scores.masked_fill(mask, float("-inf")).amax(dim=-1, keepdim=True)  # (N, 1)
+        boundary = (low + high) / 2
+        has_boundary = torch.isfinite(boundary)
+        boundary = torch.where(has_boundary, boundary, torch.zeros_like(boundary))
+    soft = torch.sigmoid((scores - boundary) / temperature) * has_boundary  # (N, E)
+    return mask.float() + (soft - soft.detach())
 
 
 def check_slots(slots: torch.Tensor, d_ff: int) -> None:
