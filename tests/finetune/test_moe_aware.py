@@ -176,6 +176,16 @@ def test_errors_for_efficiency_on_a_dense_model():
         FinetuneConfig(max_steps=1, router_loss=-1.0)
 
 
+def _finetune_argv(routed_dir, text, out, *extra: str) -> list[str]:
+    """``moefy finetune`` of the tiny routed folder on the tiny text (distillation on, no
+    regulariser), with ``extra`` flags."""
+    return [
+        "finetune", "--model", str(routed_dir), "--data", str(text), "--block-len", "16",
+        "--tokens", "512", "--batch-size", "4", "--reg", "none", "--distill", "1",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
 def test_cli_trains_saves_and_loads_a_moefied_model(tmp_path, tiny_text_and_moe):
     from moefy.cli.main import main
     from moefy.models.load import load_model
@@ -183,13 +193,8 @@ def test_cli_trains_saves_and_loads_a_moefied_model(tmp_path, tiny_text_and_moe)
 
     text, routed_dir = tiny_text_and_moe
     out = tmp_path / "ft"
-    args = [
-        "finetune", "--model", str(routed_dir), "--data", str(text), "--block-len", "16",
-        "--tokens", "512", "--batch-size", "4", "--steps", "4", "--reg", "none",
-        "--fraction", "0.5", "--efficiency", "0.5", "--distill", "1", "--eval-tokens", "128",
-        "--out", str(out),
-    ]  # fmt: skip
-    assert main(args) == 0
+    extra = ["--steps", "4", "--fraction", "0.5", "--efficiency", "0.5", "--eval-tokens", "128"]
+    assert main(_finetune_argv(routed_dir, text, out, *extra)) == 0
     summary = json.loads((out / "finetune_report.json").read_text())
     assert summary["moe_aware"] is True
     assert summary["before"]["active_experts"] == pytest.approx(0.5)
@@ -341,6 +346,8 @@ def test_training_routers_only_end_to_end_moves_only_routers_and_beats_the_oracl
 
 
 def test_errors_for_router_only_training_settings():
+    from moefy.moe.selectors import OracleSelector
+
     with pytest.raises(MoefyError, match="moefied model"):
         finetune(tiny_model("llama"), _blocks(), FinetuneConfig(max_steps=1, train="routers"))
     with pytest.raises(MoefyError, match="moefied model"):
@@ -352,9 +359,6 @@ def test_errors_for_router_only_training_settings():
     with pytest.raises(MoefyError, match="trains nothing"):
         FinetuneConfig(max_steps=1, train="routers", router_loss=0.0)
     model = _routed(fraction=0.25)
-    set_routing(model, "topk", fraction=0.25)
-    from moefy.moe.selectors import OracleSelector
-
     for moe in moe_layers(model):
         moe.selector = OracleSelector(E, fraction=0.25)
     with pytest.raises(MoefyError, match="nothing to train"):
@@ -368,13 +372,11 @@ def test_cli_trains_the_routers_only_end_to_end(tmp_path, tiny_text_and_moe):
 
     text, routed_dir = tiny_text_and_moe
     out = tmp_path / "routers"
-    args = [
-        "finetune", "--model", str(routed_dir), "--data", str(text), "--block-len", "16",
-        "--tokens", "512", "--batch-size", "4", "--steps", "3", "--reg", "none",
-        "--fraction", "0.25", "--distill", "1", "--train", "routers", "--straight-through", "0.5",
-        "--lr", "1e-2", "--eval-tokens", "0", "--out", str(out),
+    extra = [
+        "--steps", "3", "--fraction", "0.25", "--train", "routers", "--straight-through", "0.5",
+        "--lr", "1e-2", "--eval-tokens", "0",
     ]  # fmt: skip
-    assert main(args) == 0
+    assert main(_finetune_argv(routed_dir, text, out, *extra)) == 0
     summary = json.loads((out / "finetune_report.json").read_text())
     assert summary["report"]["config"]["train"] == "routers"
     before, after = load_model(routed_dir)[0].state_dict(), load_model(out)[0].state_dict()

@@ -163,7 +163,7 @@ def _ratio(part: torch.Tensor, whole: torch.Tensor) -> float:
 def _param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups: the routers (MoE selectors) at ``router_lr``, the rest at ``lr``;
     each group's ``lr_scale`` follows the one schedule."""
-    routers = {id(p) for m in moe_layers(model) for p in m.selector.parameters()}
+    routers = _router_param_ids(model)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scale = 1.0 if config.router_lr is None else config.router_lr / config.lr
     groups = [
@@ -173,10 +173,24 @@ def _param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, An
     return [g for g in groups if g["params"]]
 
 
+def _router_param_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of the model's MoE selectors (its routers)."""
+    return {id(p) for m in moe_layers(model) for p in m.selector.parameters()}
+
+
 def _freeze_all_but_routers(model: nn.Module) -> list[nn.Parameter]:
     """Stop gradients to every trainable parameter outside the MoE selectors; the ones
-    stopped, to be given back after training."""
-    routers = {id(p) for m in moe_layers(model) for p in m.selector.parameters()}
+    stopped, to be given back after training.
+
+    Raises:
+        MoefyError: the selectors have no trainable weights (nothing is frozen then).
+    """
+    routers = _router_param_ids(model)
+    if not any(p.requires_grad for p in model.parameters() if id(p) in routers):
+        raise MoefyError(
+            "nothing to train: the model's selectors have no weights (train-routers gives it "
+            "learned routers)"
+        )
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in routers]
     for p in frozen:
         p.requires_grad_(False)
@@ -306,13 +320,6 @@ def finetune(
         teacher.eval().requires_grad_(False)
     frozen = _freeze_all_but_routers(model) if config.train == "routers" else []
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        for p in frozen:
-            p.requires_grad_(True)
-        raise MoefyError(
-            "nothing to train: the model's selectors have no weights (train-routers gives it "
-            "learned routers)"
-        )
     optimizer = torch.optim.AdamW(
         _param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay
     )

@@ -375,17 +375,14 @@ class MoEFFN(nn.Module):
         """(N, D) -> (N, D) for :meth:`record_training`."""
         hidden = self.expert_hidden(tokens)  # (N, E, S)
         norms = self.expert_norms_from_hidden(hidden, floor=_NORM_FLOOR)  # (N, E)
-        selector, predicted = self.selector, None
+        selector, predicted, gates = self.selector, None, None
         if selector.selects_all():
             mask = torch.ones(norms.shape, dtype=torch.bool, device=norms.device)
         elif selector.trainable:  # a learned router: fit it, select by what it predicts
             predicted = selector.predict_log_norms(tokens.detach())  # (N, E)
             mask = selector.mask_from_scores(predicted.detach().float().exp())
-            if self._straight_through is not None:
-                self._count(mask)
-                self._training_records.append(ExpertTrainingRecord(norms, predicted, mask))
+            if self._straight_through is not None:  # the model's loss reaches the router too
                 gates = straight_through_gates(predicted, mask, self._straight_through)
-                return self._forward_from_hidden(hidden, gates.to(hidden.dtype))
         elif isinstance(selector, OracleSelector):
             mask = selector.mask_from_scores(norms.detach())
         else:
@@ -393,7 +390,7 @@ class MoEFFN(nn.Module):
                 mask = selector(tokens, self)
         self._count(mask)
         self._training_records.append(ExpertTrainingRecord(norms, predicted, mask))
-        return self._forward_from_hidden(hidden, mask)
+        return self._forward_from_hidden(hidden, mask if gates is None else gates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D): the FFN output over the selected experts."""
