@@ -10,7 +10,7 @@ STAMP := $(VENV)/.moefy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench bench-gpu clean
+.PHONY: install demo test test-compat lint bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -82,5 +82,22 @@ BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
 	$(MOEFY) bench --device cuda $(BENCH_GPU_ARGS) --out $(RUNS)/bench-gpu.json
 
+# The test suite under the oldest versions it is checked with: torch 2.11 and transformers 5.17,
+# what the GPU machines of benchmarks/gpu_session.sh run (CPU here; not part of `make test`).
+COMPAT_VENV ?= .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.moefy-installed
+COMPAT_PINS := torch==2.11.0 transformers==5.17.0 tokenizers==0.23.2
+$(COMPAT_STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt Makefile
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip --disable-pip-version-check -q install $(COMPAT_PINS) \
+		-r <(grep -v -E '^(transformers|tokenizers)==' requirements/pinned.txt) -r requirements/triton.txt
+	$(COMPAT_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps \
+		-r requirements/data.txt
+	$(COMPAT_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-deps -e .
+	@touch $@
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(RUNS)
+	rm -rf $(VENV) $(COMPAT_VENV) $(RUNS)

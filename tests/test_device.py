@@ -340,3 +340,7 @@ def test_cli_runs_on_cuda(workspace):
                      "--out", str(out / "sparse")]) == 0  # fmt: skip
         assert main(["evaluate", *common, "--model", str(out / "routed"), "--tokens", "224",
                      *flags]) == 0  # fmt: skip
+        assert main(["sweep", *common, "--tokens", "224", "--agreement-tokens", "64",
+                     "--methods", "dense,moe-oracle,teal", "--levels", "0.5",
+                     "--calibration-tokens", "1024", "--experts", "8", *flags,
+                     "--out", str(out / "sweep")]) == 0  # fmt: skip

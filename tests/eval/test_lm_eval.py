@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import pytest
 import torch
 
 from moefy.errors import MoefyError
-from moefy.eval.lm_eval import lm_eval_model, run_lm_eval
+from moefy.eval.lm_eval import INSTALL_HINT, lm_eval_model, run_lm_eval
 from tiny_models import tiny_model, tiny_tokenizer
+
+# `make install` installs the extra, so CI runs these; a bare `pip install moefy` skips them.
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="the optional lm-eval extra is missing"
+)
 
 TASK = "moefy_tiny_topic"
 CHOICES = ["market", "film"]
@@ -59,6 +66,7 @@ def _hand_accuracy(model, tokenizer) -> float:
     return correct / len(DOCS)
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("seed", [0, 1])
 def test_local_task_runs_offline_and_scores_as_by_hand(tmp_path, seed):
     _write_task(tmp_path)
@@ -70,6 +78,7 @@ def test_local_task_runs_offline_and_scores_as_by_hand(tmp_path, seed):
     assert metrics["acc,none"] == pytest.approx(_hand_accuracy(model, tokenizer))
 
 
+@needs_lm_eval
 def test_wrapper_is_an_lm_eval_model():
     from lm_eval.api.model import LM
 
@@ -77,6 +86,7 @@ def test_wrapper_is_an_lm_eval_model():
     assert isinstance(lm, LM) and lm.batch_size == 4
 
 
+@needs_lm_eval
 def test_errors_are_one_line(tmp_path):
     with pytest.raises(MoefyError, match="tokenizer"):
         lm_eval_model(tiny_model("llama"))
@@ -90,3 +100,10 @@ def test_errors_are_one_line(tmp_path):
             include_path=tmp_path,
             builtin_tasks=False,
         )
+
+
+def test_missing_extra_is_a_one_line_error_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(MoefyError, match="lm-eval is not installed") as err:
+        lm_eval_model(tiny_model("llama"), tiny_tokenizer())
+    assert INSTALL_HINT in str(err.value) and "\n" not in str(err.value)

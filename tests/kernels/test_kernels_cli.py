@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from moefy.cli.main import main
 from moefy.moe import MoEfyConfig, moefy_, save
@@ -30,14 +31,35 @@ def _generate(folder, capsys, *options):
     return code, out, rows
 
 
-def test_generate_prints_dense_and_sparse_speed(routed_folder, capsys):
-    code, out, rows = _generate(routed_folder, capsys, "--max-new-tokens", "4", "--backend", "cpu")
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_generate_prints_dense_and_sparse_speed(routed_folder, capsys, device):
+    backend = "cpu" if device == "cpu" else "auto"  # auto: Triton on CUDA
+    options = ["--max-new-tokens", "4", "--backend", backend, "--device", device]
+    code, out, rows = _generate(routed_folder, capsys, *options)
     assert code == 0
     assert out.startswith("the market")
     assert {"dense", "sparse"} <= set(rows)
     # the sparse model reads fewer weight bytes per token than the dense one
     dense_mb, sparse_mb = (float(rows[k].split("│")[4]) for k in ("dense", "sparse"))
     assert sparse_mb < dense_mb
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_compiled_on_cuda_prints_dense_and_sparse_speed(routed_folder, capsys):
+    options = ["--max-new-tokens", "8", "--device", "cuda", "--dtype", "bf16", "--compile"]
+    code, out, rows = _generate(routed_folder, capsys, *options)
+    assert code == 0 and out.startswith("the market")
+    assert {"dense", "sparse"} <= set(rows)
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,10 @@ def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 LEFT_PADDING = 3
 
 
-def greedy(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 4):
+def greedy(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 4, **generate_kwargs):
     """Greedy generation with the KV cache: (token ids, stacked per-step logits).
+
+    ``generate_kwargs`` go to ``generate`` (e.g. ``cache_implementation="static"``).
 
     Row 0 is left-padded, so every step builds an explicit attention mask from the cache's
     mask sizes (an all-ones mask lets transformers skip the mask and hide a wrong cache length).
@@ -73,5 +75,6 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 4):
             return_dict_in_generate=True,
             output_logits=True,
             pad_token_id=0,
+            **generate_kwargs,
         )
     return out.sequences, torch.stack(out.logits, dim=1)

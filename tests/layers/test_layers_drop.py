@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from layer_refs import TOLERANCE, greedy, logits, zeroed
-from transformers.cache_utils import DummyLayer
 
 from moefy.arch import find_ffns
 from moefy.errors import MoefyError
@@ -17,9 +16,12 @@ from moefy.layers import (
     dropped_layers,
     restore_layers,
 )
+from moefy.layers.modules import EmptyCacheLayer, empty_cache_layer_class
 from tiny_models import CAUSAL_ARCH_NAMES, tiny_inputs, tiny_model
 
 FP32 = TOLERANCE[torch.float32]
+# transformers' DummyLayer (5.23 and later) or moefy's stand-in for earlier versions
+DummyLayer = empty_cache_layer_class()
 
 
 def _module_types(model):
@@ -183,3 +185,26 @@ def test_ffn_verbs_refuse_dropped_mlps_with_a_clear_message():
     drop_layers_(model, mlp=[1])
     with pytest.raises(MoefyError, match="dropped by drop_layers_"):
         find_ffns(model)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("stand_in", ["transformers", "moefy"])
+@pytest.mark.parametrize("case", ["attention-0", "block-0"])
+def test_empty_cache_slot_generates_like_the_zeroed_reference(case, stand_in, cache, monkeypatch):
+    # transformers before 5.23 has no DummyLayer: moefy's EmptyCacheLayer takes the slot there
+    if stand_in == "moefy":
+        monkeypatch.setattr("moefy.layers.modules.empty_cache_layer_class", lambda: EmptyCacheLayer)
+    options = {"cache_implementation": cache} if cache == "static" else {}
+    drop, reference = CASES[case]
+    model = tiny_model("llama")
+    input_ids = tiny_inputs("llama")["input_ids"]
+    with zeroed(model, **reference):
+        ref_tokens, ref_logits = greedy(model, input_ids, **options)
+    drop_layers_(model, **drop)
+    tokens, step_logits = greedy(model, input_ids, **options)
+    torch.testing.assert_close(step_logits, ref_logits, **FP32)
+    assert torch.equal(tokens, ref_tokens)
+    with torch.no_grad():
+        cache = model(input_ids=input_ids, use_cache=True).past_key_values
+    expected = EmptyCacheLayer if stand_in == "moefy" else DummyLayer
+    assert isinstance(cache.layers[0], expected) and cache.get_seq_length() == input_ids.shape[1]

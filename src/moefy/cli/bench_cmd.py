@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from moefy.bench import BenchConfig, run_bench
     from moefy.bench.report import print_results
-    from moefy.cli.show import console
+    from moefy.cli.show import console, status
     from moefy.device import dtype_name, resolve
     from moefy.io import write_json
 
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         compile=args.compile,
     )
-    with console().status("benchmarking") as status:
-        results = run_bench(config, progress=lambda message: status.update(message))
+    with status("benchmarking") as progress:
+        results = run_bench(config, progress=progress.update)
     print_results(results)
     if args.out:
         write_json(args.out, results)
@@ -106,14 +106,14 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
     under CUDA graphs (:func:`moefy.bench.gpu_decode.run_decode_bench`)."""
     from moefy.bench import GpuBenchConfig, print_gpu_results, run_gpu_bench
     from moefy.bench.gpu_decode import DecodeBenchConfig, print_decode_results, run_decode_bench
-    from moefy.cli.show import console
+    from moefy.cli.show import console, status
     from moefy.io import write_json
 
     results = {}
     if args.only != "decode":
         config = GpuBenchConfig(dtype=dtype, rounds=args.rounds, quick=args.quick)
-        with console().status("benchmarking the kernels on the GPU") as status:
-            results = run_gpu_bench(config, device=device, progress=status.update)
+        with status("benchmarking the kernels on the GPU") as progress:
+            results = run_gpu_bench(config, device=device, progress=progress.update)
         print_gpu_results(results)
     if args.only != "ffn":
         decode_config = DecodeBenchConfig(
@@ -124,8 +124,8 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
             quick=args.quick,
             compile=True,
         )
-        with console().status("decoding on the GPU") as status:
-            decode = run_decode_bench(decode_config, device=device, progress=status.update)
+        with status("decoding on the GPU") as progress:
+            decode = run_decode_bench(decode_config, device=device, progress=progress.update)
         print_decode_results(decode)
         results["end_to_end"] = decode
     if args.out:

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.models.load import load_model
     from moefy.moe import MoEfyConfig, moe_layers, moefy_, save
     from moefy.profiling import SparsityProfile
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     )
     device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     moefy_(model, config, profile=profile, progress=True)
     out = save(model, Path(args.out), tokenizer=tokenizer)

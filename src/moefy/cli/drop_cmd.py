@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.eval.perplexity import perplexity
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if not (by_similarity or args.skip or args.speedup):
         raise MoefyError("nothing to drop: give --attention, --mlp, --blocks, --skip or --speedup")
     device, dtype = device_and_dtype(args)
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         num_blocks = len(find_layers(model))
         text = load_text(args.data)

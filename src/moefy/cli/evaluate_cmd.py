@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from moefy import dist
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.errors import MoefyError
     from moefy.eval import dense_reference, evaluate, evaluation_blocks
     from moefy.io import write_json
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     dist.init_from_env(device)
     main = dist.is_main_process()
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     blocks = evaluation_blocks(tokenizer, config)
     reference = None

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moefy import dist
     from moefy.cli.args import device_and_dtype
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.finetune import FinetuneConfig, finetune, relufy_
     from moefy.finetune.train import CHECKPOINT_DIR, CHECKPOINT_FILE
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     dist.init_from_env(device)
     main = dist.is_main_process()
     out = Path(args.out)
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     routed = _set_moe_routing(model, args)
     text = load_text(args.data)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moefy.bench import decode_speeds, dense_copy
     from moefy.bench.decode import generate_exactly
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.errors import MoefyError
     from moefy.kernels import set_backend
     from moefy.models.load import is_causal_lm, load_model
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     set_backend(args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if tokenizer is None or not is_causal_lm(model):
         raise MoefyError(f"{args.model} is not a causal LM with a tokenizer: generate needs both")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     console().print(f"[bold]{args.prompt}[/bold]{text}")
     models = {"dense": dense_copy(model), "sparse": model}
-    with console().status("compiling and timing" if args.compile else "timing"):
+    with status("compiling and timing" if args.compile else "timing"):
         speeds = decode_speeds(
             models, prompt, args.max_new_tokens, rounds=args.rounds, compiled=args.compile
         )

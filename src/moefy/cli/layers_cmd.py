@@ -38,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.layers import LayerImportanceConfig, layer_importance
     from moefy.models.load import load_model
 
     device, dtype = device_and_dtype(args)
     config = LayerImportanceConfig(batch_size=args.batch_size, perplexity=args.perplexity)
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         text = load_text(args.data)
         calibration = text.blocks(

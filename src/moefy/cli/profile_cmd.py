@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moefy import dist
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.models.load import load_model
     from moefy.profiling import ProfileConfig, profile, write_plots
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device, dtype = device_and_dtype(args)
     dist.init_from_env(device)
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         blocks = load_text(args.data).blocks(
             tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.dist import init_from_env, is_main_process
     from moefy.errors import MoefyError
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     init_from_env(device)
     main = is_main_process()
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         if not moe_layers(model):
             raise MoefyError(f"{args.model} has no MoE layers: run moefy convert first")

@@ -1,11 +1,18 @@
-"""Terminal output for the CLI: one rich console, tables from lists of row dicts."""
+"""Terminal output for the CLI: one rich console, progress status, tables from row dicts."""
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 _PIPE_WIDTH = 160
+# MOEFY_PROGRESS=lines: progress as timestamped lines on stderr instead of a spinner (for logs
+# of unattended runs, e.g. benchmarks/gpu_session.sh, where a spinner prints nothing).
+PROGRESS_ENV = "MOEFY_PROGRESS"
 
 
 @functools.cache
@@ -17,6 +24,33 @@ def console():
 
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and cuts numbers; give tables room.
     return Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+
+
+class _LineStatus:
+    """A stand-in for rich's status spinner that prints each message as a line on stderr."""
+
+    def __init__(self, message: str) -> None:
+        self._start = time.monotonic()
+        self.update(message)
+
+    def update(self, message: str) -> None:
+        print(f"[{time.monotonic() - self._start:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _LineStatus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def status(message: str) -> Any:
+    """A context manager showing progress: rich's spinner, or lines with ``MOEFY_PROGRESS=lines``.
+
+    Both have ``update(message)``.
+    """
+    if os.environ.get(PROGRESS_ENV) == "lines":
+        return _LineStatus(message)
+    return console().status(message)
 
 
 def _cell(value: object) -> str:

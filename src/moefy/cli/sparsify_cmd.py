@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moefy import dist
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.eval.perplexity import perplexity
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     dist.init_from_env(device)
     main = dist.is_main_process()
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         text = load_text(args.data)
         calibration = None

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, print_table, status
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.models.load import load_model
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoefyError(f"--fractions must lie in (0, 1], got {args.fractions}")
     device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
-    with console().status(f"loading {args.model}"):
+    with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         blocks = load_text(args.data).blocks(
             tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.tokens

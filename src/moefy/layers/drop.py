@@ -163,9 +163,10 @@ def drop_layers_(
     """Remove attention sublayers, MLPs or whole blocks of a decoder, in place.
 
     A dropped part computes nothing: the residual stream passes it unchanged. A dropped attention
-    sublayer (or block) stores no KV cache: its cache slot holds transformers' ``DummyLayer``, so
-    positions and masks come from the remaining attention layers and ``generate`` works, also when
-    block 0's attention is gone. Calling it again drops more.
+    sublayer (or block) stores no KV cache: its cache slot holds transformers' ``DummyLayer`` (or
+    :class:`moefy.layers.modules.EmptyCacheLayer` before transformers 5.23), so positions and
+    masks come from the remaining attention layers and ``generate`` works, also when block 0's
+    attention is gone. Calling it again drops more.
 
     Args:
         model: a supported decoder (see :func:`moefy.layers.find_layers`), dense, moefied or

@@ -11,7 +11,9 @@ attention layer (layer 0 by default). A dropped attention layer would leave its 
 model whose layer 0 is dropped would restart positions at 0 on every decode step. The stand-ins
 therefore put transformers' own ``DummyLayer`` (its slot for attention-free layers: it stores
 nothing, and ``get_seq_length`` and the mask builders skip it) into their slot of whatever cache
-the model passes them.
+the model passes them. transformers before 5.23 has no ``DummyLayer``; there the slot gets
+:class:`EmptyCacheLayer`, which those versions skip the same way (they pass over any slot that is
+not a ``CacheLayerMixin``, as they do for linear-attention layers).
 
 Shape legend:
     B: batch, T: tokens, D: model width (d_model)
@@ -25,28 +27,71 @@ import torch
 from torch import nn
 
 
+class EmptyCacheLayer:
+    """A KV-cache slot that stores nothing: transformers' ``DummyLayer`` for versions before 5.23.
+
+    Not a ``CacheLayerMixin``, so ``Cache.get_seq_length`` and the mask sizes read the first real
+    attention layer instead; the cache-wide operations (reset, crop, beam reorder, ...) do nothing.
+    """
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+    is_initialized = True
+    supports_early_init = False  # StaticCache's early initialisation skips it
+    keys = None
+    values = None
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+        if key_states is None and value_states is None:
+            return None, None
+        raise NotImplementedError("a dropped attention layer's cache slot stores nothing")
+
+    def offload(self) -> None: ...
+    def prefetch(self) -> None: ...
+    def reset(self) -> None: ...
+    def crop(self, max_length: int) -> None: ...
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None: ...
+    def batch_repeat_interleave(self, repeats: int) -> None: ...
+    def batch_select_indices(self, indices: torch.Tensor) -> None: ...
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def empty_cache_layer_class() -> type:
+    """transformers' ``DummyLayer`` (5.23 and later), else :class:`EmptyCacheLayer`."""
+    try:
+        from transformers.cache_utils import DummyLayer
+    except ImportError:
+        return EmptyCacheLayer
+    return DummyLayer
+
+
 def release_cache_slot(cache: Any, layer_idx: int) -> None:
-    """Make slot ``layer_idx`` of a transformers KV cache a ``DummyLayer`` that stores nothing.
+    """Make slot ``layer_idx`` of a transformers KV cache a layer that stores nothing.
+
+    The layer is transformers' ``DummyLayer``, or :class:`EmptyCacheLayer` where transformers
+    has none (see :func:`empty_cache_layer_class`).
 
     Args:
         cache: a ``transformers.Cache`` (an ``EncoderDecoderCache`` means its self-attention
             part); anything without cache layers is left alone.
         layer_idx: the attention layer's cache index.
     """
-    from transformers.cache_utils import DummyLayer
-
+    empty = empty_cache_layer_class()
     cache = getattr(cache, "self_attention_cache", cache)
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
         return
-    if layer_idx < len(layers) and isinstance(layers[layer_idx], DummyLayer):
+    if layer_idx < len(layers) and isinstance(layers[layer_idx], empty):
         return
     # A lazily built cache appends one layer per update: give it the slots up to ours.
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while replicate is not None and len(layers) <= layer_idx:
         layers.append(replicate())
     if layer_idx < len(layers):
-        layers[layer_idx] = DummyLayer()
+        layers[layer_idx] = empty()
 
 
 def _cache_argument(args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -50,9 +50,11 @@ def cache_dir() -> Path:
         >>> cache_dir() / "models" / "smollm2-135m"
         PosixPath('/home/me/.cache/moefy/models/smollm2-135m')
     """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
     from platformdirs import user_cache_dir
 
-    return Path(os.environ.get(CACHE_ENV) or user_cache_dir(CACHE_APP_NAME)).expanduser()
+    return Path(user_cache_dir(CACHE_APP_NAME)).expanduser()
 
 
 def load_model(
