@@ -6,21 +6,26 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]      (from the repository root)
 #
-# Stages, run in the order given (default: env check kernels decode-small):
+# Stages, run in the order given (default: env check kernels goals):
 #   env           GPU, driver and package versions
 #   check         pytest -m gpu: the Triton kernels compiled on CUDA against float64 references,
 #                 every verb and the CLI on CUDA, fp32 CUDA against the CPU
 #   kernels       moefy bench --device cuda --only ffn --quick: Triton against cuBLAS, Llama-3-8B /
-#                 70B shapes, batch 1 / 4 / 16, 0 to 90 % sparsity, the MLP as 64 expert blocks
+#                 70B shapes, batch 1 / 4 / 16, 0 to 90 % sparsity, the Llama-3-8B MLP block
+#                 with TEAL thresholds and as 64 expert blocks
 #   decode-small  decode of a random SmolLM2-135M-shaped model, dense / TEAL / MoE, CUDA graphs
 #   decode-8b     the same for a random Llama-3-8B-shaped model (32 layers)
+#   goals         the speed goals against what this run's JSON holds (met / short /
+#                 not measured): python -m moefy.bench.gpu_goals $OUT
 # Each stage runs under its own time limit (seconds, override with LIMIT_<STAGE>, e.g.
 # LIMIT_DECODE_8B=600) and writes its log (and JSON) to $OUT (the device tool's folder; else
-# runs/gpu-session), so a stage cut off by its limit loses only itself. At most 7 files land in
-# $OUT: the device tool returns 8.
+# runs/gpu-session), so a stage cut off by its limit loses only itself. At most 8 files land in
+# $OUT, what the device tool returns.
 #
-# On a 15-minute device budget: first `bash benchmarks/gpu_session.sh` (timeout_s 540), then, on
-# the still-warm machine, `bash benchmarks/gpu_session.sh decode-8b` (timeout_s 480).
+# On a 15-minute device budget (a machine's start takes one or two of them): first
+# `bash benchmarks/gpu_session.sh` (timeout_s 540), then, on the still-warm machine,
+# `bash benchmarks/gpu_session.sh decode-8b decode-small goals` (timeout_s 540). The second call
+# finds $OUT emptied, so its goals line up only the decode goal: the first call's has the rest.
 set -uo pipefail
 
 OUT=${OUT:-runs/gpu-session}
@@ -29,7 +34,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MOEFY_PROGRESS=lines MOEFY_CACHE=${MOEFY_CACHE:-/tmp/moefy-cache}
 MOEFY=("$PYTHON" -m moefy.cli.main)
 
-declare -A LIMIT=([env]=60 [check]=240 [kernels]=180 [decode-small]=150 [decode-8b]=420)
+declare -A LIMIT=([env]=60 [check]=240 [kernels]=180 [decode-small]=150 [decode-8b]=330 [goals]=30)
 
 # run_stage NAME CMD...: CMD under NAME's limit, its output to $OUT/NAME.log, then the log's end.
 run_stage() {
@@ -67,10 +72,10 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env check kernels decode-small)
+[ ${#stages[@]} -eq 0 ] && stages=(env check kernels goals)
 for stage in "${stages[@]}"; do
   if [ -z "${LIMIT[$stage]+set}" ]; then
-    echo "gpu_session.sh: unknown stage '$stage': use env, check, kernels, decode-small or decode-8b" >&2
+    echo "gpu_session.sh: unknown stage '$stage': use env, check, kernels, decode-small, decode-8b or goals" >&2
     exit 2
   fi
 done
@@ -88,5 +93,6 @@ for stage in "${stages[@]}"; do
     decode-8b)
       run_stage decode-8b "${MOEFY[@]}" bench --device cuda --only decode --quick \
         --shape llama3-8b --out "$OUT/decode-8b.json" ;;
+    goals) run_stage goals "$PYTHON" -m moefy.bench.gpu_goals "$OUT" ;;
   esac
 done

@@ -16,7 +16,8 @@ def test_shapes_are_the_issues_llama_projections():
     pairs = {(s.n_in, s.n_out) for s in gpu.LINEAR_SHAPES}
     assert pairs == {(4096, 14336), (14336, 4096), (4096, 4096), (8192, 28672), (28672, 8192)}
     assert gpu.BATCHES == (1, 4, 16)
-    assert gpu.SPARSITIES == (0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90)
+    # the issue's levels and 0.75 (its goal for the expert blocks: 25 % of experts)
+    assert gpu.SPARSITIES == (0.0, 0.25, 0.40, 0.50, 0.65, 0.75, 0.80, 0.90)
     mlp = gpu.MLP_SHAPES[0]
     assert mlp.expert_size * mlp.num_experts == mlp.d_ff == 14336
 
@@ -30,6 +31,9 @@ def test_byte_counts():
     mlp = gpu.MLPShape("m", 4096, 14336, 64)
     assert mlp.expert_bytes(2) * 64 == mlp.dense_bytes(2)
     assert gpu.mlp_bytes(mlp, 2, 16, 2) == mlp.dense_bytes(2) // 4 + 2 * 2 * 4096 * 2
+    # TEAL MLP: every input and activation kept reads the whole block, like dense
+    assert gpu.teal_mlp_bytes(mlp, 2, 4096, 14336, 2) == mlp.dense_bytes(2) + 2 * 2 * 4096 * 2
+    assert gpu.teal_mlp_bytes(mlp, 1, 2048, 0, 2) == (2048 * 2 * 14336 + 2 * 4096) * 2
 
 
 def test_copies_span_several_l2_caches():
@@ -160,13 +164,39 @@ def test_measurement_glue_on_tiny_shapes(monkeypatch):
     cpu = torch.device("cpu")
     rows = gpu._linear_rows(config, cpu, 1e9, 4096, lambda _m: None)
     rows += gpu._mlp_rows(config, cpu, 1e9, 4096, lambda _m: None)
-    assert [(r["method"], r["batch"], r["active"]) for r in rows] == [
+    linear = [("teal", batch, active) for batch in (1, 3) for active in (1.0, 0.5)]
+    mlp = [
         (method, batch, active)
-        for method in ("teal", "experts")
         for batch in (1, 3)
+        for method in ("experts", "teal")
         for active in (1.0, 0.5)
     ]
+    assert [(r["method"], r["batch"], r["active"]) for r in rows] == linear + mlp
     assert all(r["speedup"] == pytest.approx(2.0) for r in rows)
     dense_linear = gpu.linear_bytes(gpu.LINEAR_SHAPES[0], 1, 40, 2)
     assert rows[0]["sparse_mb"] * 1e6 <= dense_linear  # no more rows than the weight has
     assert rows[1]["sparse_mb"] < rows[0]["sparse_mb"]  # 50 % sparsity reads fewer rows
+    teal_mlp = {(r["batch"], r["active"]): r for r in rows if r["shape"] == "tiny mlp"}
+    teal_mlp = {k: r for k, r in teal_mlp.items() if r["method"] == "teal"}
+    mlp_shape = gpu.MLP_SHAPES[0]
+    # at 0 % every weight row is read, exactly the dense block's bytes; at 50 % fewer
+    assert teal_mlp[1, 1.0]["sparse_mb"] * 1e6 == gpu.teal_mlp_bytes(mlp_shape, 1, 32, 64, 2)
+    assert teal_mlp[1, 0.5]["sparse_mb"] < teal_mlp[1, 1.0]["sparse_mb"]
+
+
+def test_threshold_mlp_at_zero_threshold_is_the_dense_mlp():
+    """The TEAL MLP variant's glue (transposed weights, gate/up order, activation) is dense at
+    threshold 0, checked on CPU tensors under Triton's interpreter."""
+    pytest.importorskip("triton")
+    from moefy.kernels.triton_launch import interpreter_active
+
+    if not interpreter_active():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(0)
+    D, F = 24, 40
+    dense = [tuple(torch.randn(*size, generator=gen) for size in ((F, D), (F, D), (D, F)))]
+    teal = [tuple(w.t().contiguous() for w in dense[0])]
+    x = torch.randn(3, D, generator=gen)
+    zero = torch.zeros(())
+    got = gpu._threshold_mlp(x, teal, zero, zero, 0)
+    torch.testing.assert_close(got, gpu._dense_mlp(x, dense, 0), rtol=1e-4, atol=1e-4)

@@ -6,8 +6,10 @@ Shape legend:
 
 What issue #11 section 4 asks at kernel level: Llama-3-8B and -70B weight shapes at batch 1, 4
 and 16, a threshold-sparse linear (TEAL layout) at 0 / 25 / 40 / 50 / 65 / 80 / 90 % sparsity
-against ``F.linear`` on the same weights, and the Llama-3-8B MLP as 64 expert blocks at the same
-shares of experts against the dense gated MLP. For fairness and repeatability:
+against ``F.linear`` on the same weights, and the Llama-3-8B MLP block against the dense gated MLP
+two ways: as 64 expert blocks at the same shares of unselected experts (``experts``), and with
+TEAL thresholds on its input and on its intermediate activation (``teal``: the fused gate+up
+kernel, then the threshold down projection). For fairness and repeatability:
 
 - weights are rotated among enough copies that one pass over them spans several L2 caches, so
   every call reads its weights from device memory, as a real model's layers do;
@@ -38,7 +40,8 @@ from moefy.errors import MoefyError
 
 GPU_BENCH_VERSION = 1
 BATCHES = (1, 4, 16)
-SPARSITIES = (0.0, 0.25, 0.40, 0.50, 0.65, 0.80, 0.90)
+# the issue's levels, plus 0.75: the expert blocks at 25 % of experts
+SPARSITIES = (0.0, 0.25, 0.40, 0.50, 0.65, 0.75, 0.80, 0.90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Weight copies span this many L2 caches, so a rotation never hits in L2.
 L2_MULTIPLE = 4
@@ -104,7 +107,7 @@ class GpuBenchConfig:
         rounds: timed replays per variant (median over them); default 50, quick 10.
         calls_per_graph: kernel calls captured in one CUDA graph (time per call = replay / this).
         linear: time the threshold linear on :data:`LINEAR_SHAPES`.
-        mlp: time the expert-block MLP on :data:`MLP_SHAPES`.
+        mlp: time the MLP block (expert blocks and TEAL thresholds) on :data:`MLP_SHAPES`.
         quick: fewer rounds.
         seed: of weights, tokens and selections.
         version: config format version.
@@ -180,6 +183,16 @@ def linear_bytes(shape: WeightShape, batch: int, rows: int, element_bytes: int) 
 def mlp_bytes(shape: MLPShape, batch: int, experts: int, element_bytes: int) -> int:
     """Bytes the expert MLP must move: ``experts`` experts' blocks, the inputs and outputs."""
     return experts * shape.expert_bytes(element_bytes) + 2 * batch * shape.d_model * element_bytes
+
+
+def teal_mlp_bytes(
+    shape: MLPShape, batch: int, input_rows: int, hidden_rows: int, element_bytes: int
+) -> int:
+    """Bytes the TEAL MLP must move: ``input_rows`` rows of the gate and up weights (D, F)
+    each, ``hidden_rows`` rows of the down weight (F, D), the inputs and outputs (intermediates
+    are left out, as for dense: N x F values, small against the weights at batch <= 16)."""
+    D, F = shape.d_model, shape.d_ff
+    return (input_rows * 2 * F + hidden_rows * D + 2 * batch * D) * element_bytes
 
 
 def sparsity_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -382,9 +395,7 @@ def _linear_rows(config: GpuBenchConfig, device, bandwidth: float, l2_bytes: int
                 variants[name] = _rotating_graph(sparse, copies, config.calls_per_graph)
                 moved[name] = linear_bytes(shape, batch, kept_rows(x, thr), element)
             dense_bytes = linear_bytes(shape, batch, shape.n_in, element)
-            rows += _rows(
-                config, shape.name, batch, "teal", variants, moved, dense_bytes, bandwidth
-            )
+            rows += _rows(config, shape.name, batch, variants, moved, dense_bytes, bandwidth)
     return rows
 
 
@@ -405,6 +416,20 @@ def _dense_mlp(x: torch.Tensor, weights: list[tuple[torch.Tensor, ...]], i: int)
     return Fn.linear(Fn.silu(Fn.linear(x, gate)) * Fn.linear(x, up), down)
 
 
+def _threshold_mlp(
+    x: torch.Tensor,
+    weights_t: list[tuple[torch.Tensor, ...]],
+    input_threshold: torch.Tensor,
+    hidden_threshold: torch.Tensor,
+    i: int,
+) -> torch.Tensor:
+    from moefy.kernels import threshold_gate_up, threshold_linear
+
+    gate_t, up_t, down_t = weights_t[i]
+    gate, up = threshold_gate_up(x, gate_t, up_t, None, None, input_threshold, backend="triton")
+    return threshold_linear(Fn.silu(gate) * up, down_t, None, hidden_threshold, backend="triton")
+
+
 def _expert_mlp(
     x: torch.Tensor, mask: torch.Tensor, weights: list[tuple[torch.Tensor, ...]], i: int
 ) -> torch.Tensor:
@@ -414,8 +439,8 @@ def _expert_mlp(
     return expert_ffn(x, mask, w_in, w_out, None, None, ACT, True, backend="triton")
 
 
-def _rows(config, shape_name, batch, method, variants, moved, dense_bytes, bandwidth) -> list:
-    """Time ``variants`` (dense first) and make one row per sparse variant."""
+def _rows(config, shape_name, batch, variants, moved, dense_bytes, bandwidth) -> list:
+    """Time ``variants`` (dense first, then ``method@sparsity``) and make one row per sparse one."""
     medians = _event_medians(
         variants, rounds=config.rounds_or_default(), calls=config.calls_per_graph
     )
@@ -423,7 +448,7 @@ def _rows(config, shape_name, batch, method, variants, moved, dense_bytes, bandw
         result_row(
             shape=shape_name,
             batch=batch,
-            method=method,
+            method=name.partition("@")[0],
             sparsity=float(name.partition("@")[2]),
             dense_seconds=medians["dense"],
             sparse_seconds=medians[name],
@@ -445,6 +470,8 @@ def _mlp_rows(config: GpuBenchConfig, device, bandwidth: float, l2_bytes: int, s
         copies = copies_for(shape.dense_bytes(element), l2_bytes)
         dense_weights = [(random(F, D), random(F, D), random(D, F)) for _ in range(copies)]
         expert_weights = [(random(E, 2 * S, D), random(E, S, D)) for _ in range(copies)]
+        # (D, F), (D, F), (F, D): the rows a dropped input or activation lets the kernels skip
+        teal_weights = [tuple(w.t().contiguous() for w in ws) for ws in dense_weights]
         for batch in config.batches:
             x = random.tokens(batch, D)
             dense = functools.partial(_dense_mlp, x, dense_weights)
@@ -459,10 +486,24 @@ def _mlp_rows(config: GpuBenchConfig, device, bandwidth: float, l2_bytes: int, s
                 sparse = functools.partial(_expert_mlp, x, mask, expert_weights)
                 variants[name] = _rotating_graph(sparse, copies, config.calls_per_graph)
                 moved[name] = mlp_bytes(shape, batch, int(mask.any(0).sum()), element)
+            for sparsity in config.sparsities:
+                # one threshold for the input, one for the activation, each set from this
+                # batch (copy 0) to drop ``sparsity`` of its entries, as TEAL's calibration would
+                input_threshold = sparsity_threshold(x, sparsity)
+                gate_t, up_t, _ = teal_weights[0]
+                kept = torch.where(x.abs() > input_threshold, x, torch.zeros_like(x))
+                hidden = Fn.silu(kept @ gate_t) * (kept @ up_t)  # (N, F)
+                hidden_threshold = sparsity_threshold(hidden, sparsity)
+                name = f"teal@{sparsity}"
+                sparse = functools.partial(
+                    _threshold_mlp, x, teal_weights, input_threshold, hidden_threshold
+                )
+                variants[name] = _rotating_graph(sparse, copies, config.calls_per_graph)
+                read_in = kept_rows(x, input_threshold)
+                read_hidden = kept_rows(hidden, hidden_threshold)
+                moved[name] = teal_mlp_bytes(shape, batch, read_in, read_hidden, element)
             dense_bytes = shape.dense_bytes(element) + 2 * batch * D * element
-            rows += _rows(
-                config, shape.name, batch, "experts", variants, moved, dense_bytes, bandwidth
-            )
+            rows += _rows(config, shape.name, batch, variants, moved, dense_bytes, bandwidth)
     return rows
 
 
