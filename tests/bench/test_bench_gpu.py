@@ -179,8 +179,10 @@ def test_measurement_glue_on_tiny_shapes(monkeypatch):
     teal_mlp = {(r["batch"], r["active"]): r for r in rows if r["shape"] == "tiny mlp"}
     teal_mlp = {k: r for k, r in teal_mlp.items() if r["method"] == "teal"}
     mlp_shape = gpu.MLP_SHAPES[0]
-    # at 0 % every weight row is read, exactly the dense block's bytes; at 50 % fewer
-    assert teal_mlp[1, 1.0]["sparse_mb"] * 1e6 == gpu.teal_mlp_bytes(mlp_shape, 1, 32, 64, 2)
+    # at 0 % every weight row is read but those of exact zeros (random bf16 tokens can hold
+    # one): about the dense block's bytes; at 50 % fewer
+    whole = gpu.teal_mlp_bytes(mlp_shape, 1, 32, 64, 2)
+    assert 0.9 * whole < teal_mlp[1, 1.0]["sparse_mb"] * 1e6 <= whole
     assert teal_mlp[1, 0.5]["sparse_mb"] < teal_mlp[1, 1.0]["sparse_mb"]
 
 
