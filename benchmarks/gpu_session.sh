@@ -4,7 +4,7 @@
 # installed there (its image has everything moefy's GPU paths import; MOEFY_CACHE below spares
 # platformdirs, which it lacks).
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]      (from the repository root)
+#   bash benchmarks/gpu_session.sh [STAGE ...]
 #
 # Stages, run in the order given (default: env check kernels goals):
 #   env           GPU, driver and package versions
@@ -28,9 +28,12 @@
 # finds $OUT emptied, so its goals line up only the decode goal: the first call's has the rest.
 set -uo pipefail
 
-OUT=${OUT:-runs/gpu-session}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 2
+OUT=${OUT:-$ROOT/runs/gpu-session}
 export PYTHON=${PYTHON:-python3}
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# absolute, so subprocesses started from other folders (torchrun, tests) import this checkout
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MOEFY_PROGRESS=lines MOEFY_CACHE=${MOEFY_CACHE:-/tmp/moefy-cache}
 MOEFY=("$PYTHON" -m moefy.cli.main)
 
