@@ -31,13 +31,8 @@ def _generate(folder, capsys, *options):
     return code, out, rows
 
 
-CUDA = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    ],
-)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -54,7 +49,7 @@ def test_generate_prints_dense_and_sparse_speed(routed_folder, capsys, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_generate_compiled_on_cuda_prints_dense_and_sparse_speed(routed_folder, capsys):
     options = ["--max-new-tokens", "8", "--device", "cuda", "--dtype", "bf16", "--compile"]
     code, out, rows = _generate(routed_folder, capsys, *options)

@@ -58,19 +58,26 @@ GENERATION_CASES = [("llama", case) for case in CASES] + [
 ]
 
 
-@pytest.mark.parametrize(("name", "case"), GENERATION_CASES)
-def test_dropped_model_generates_like_the_zeroed_reference(name, case):
+def _check_generates_like_the_zeroed_reference(name, case, **generate_kwargs):
+    """Drop ``case`` from ``tiny_model(name)``, check greedy decoding against the same model with
+    those parts zeroed, and return (the dropped model, its input ids)."""
     drop, reference = CASES[case]
     model = tiny_model(name)
     input_ids = tiny_inputs(name)["input_ids"]
     with zeroed(model, **reference):
-        ref_tokens, ref_logits = greedy(model, input_ids)
+        ref_tokens, ref_logits = greedy(model, input_ids, **generate_kwargs)
     drop_layers_(model, **drop)
-    tokens, step_logits = greedy(model, input_ids)
+    tokens, step_logits = greedy(model, input_ids, **generate_kwargs)
     # Per-step logits catch wrong positions or masks in the cached decode steps (block 0's
     # attention gone: the cache must not read its length from an empty slot 0).
     torch.testing.assert_close(step_logits, ref_logits, **FP32)
     assert torch.equal(tokens, ref_tokens)
+    return model, input_ids
+
+
+@pytest.mark.parametrize(("name", "case"), GENERATION_CASES)
+def test_dropped_model_generates_like_the_zeroed_reference(name, case):
+    _check_generates_like_the_zeroed_reference(name, case)
 
 
 @pytest.mark.parametrize("name", CAUSAL_ARCH_NAMES)
@@ -195,15 +202,7 @@ def test_empty_cache_slot_generates_like_the_zeroed_reference(case, stand_in, ca
     if stand_in == "moefy":
         monkeypatch.setattr("moefy.layers.modules.empty_cache_layer_class", lambda: EmptyCacheLayer)
     options = {"cache_implementation": cache} if cache == "static" else {}
-    drop, reference = CASES[case]
-    model = tiny_model("llama")
-    input_ids = tiny_inputs("llama")["input_ids"]
-    with zeroed(model, **reference):
-        ref_tokens, ref_logits = greedy(model, input_ids, **options)
-    drop_layers_(model, **drop)
-    tokens, step_logits = greedy(model, input_ids, **options)
-    torch.testing.assert_close(step_logits, ref_logits, **FP32)
-    assert torch.equal(tokens, ref_tokens)
+    model, input_ids = _check_generates_like_the_zeroed_reference("llama", case, **options)
     with torch.no_grad():
         cache = model(input_ids=input_ids, use_cache=True).past_key_values
     expected = EmptyCacheLayer if stand_in == "moefy" else DummyLayer

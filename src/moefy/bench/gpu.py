@@ -461,6 +461,8 @@ def _rows(config, shape_name, batch, variants, moved, dense_bytes, bandwidth) ->
 
 
 def _mlp_rows(config: GpuBenchConfig, device, bandwidth: float, l2_bytes: int, say) -> list:
+    from moefy.kernels import reference
+
     random = _RandomWeights(config, device)
     element = random.element_bytes
     rows = []
@@ -472,6 +474,7 @@ def _mlp_rows(config: GpuBenchConfig, device, bandwidth: float, l2_bytes: int, s
         expert_weights = [(random(E, 2 * S, D), random(E, S, D)) for _ in range(copies)]
         # (D, F), (D, F), (F, D): the rows a dropped input or activation lets the kernels skip
         teal_weights = [tuple(w.t().contiguous() for w in ws) for ws in dense_weights]
+        gate_t, up_t, _ = teal_weights[0]  # the thresholds are set on copy 0
         for batch in config.batches:
             x = random.tokens(batch, D)
             dense = functools.partial(_dense_mlp, x, dense_weights)
@@ -490,9 +493,8 @@ def _mlp_rows(config: GpuBenchConfig, device, bandwidth: float, l2_bytes: int, s
                 # one threshold for the input, one for the activation, each set from this
                 # batch (copy 0) to drop ``sparsity`` of its entries, as TEAL's calibration would
                 input_threshold = sparsity_threshold(x, sparsity)
-                gate_t, up_t, _ = teal_weights[0]
-                kept = torch.where(x.abs() > input_threshold, x, torch.zeros_like(x))
-                hidden = Fn.silu(kept @ gate_t) * (kept @ up_t)  # (N, F)
+                gate, up = reference.threshold_gate_up(x, gate_t, up_t, None, None, input_threshold)
+                hidden = Fn.silu(gate) * up  # (N, F)
                 hidden_threshold = sparsity_threshold(hidden, sparsity)
                 name = f"teal@{sparsity}"
                 sparse = functools.partial(
