@@ -42,6 +42,9 @@ def _exit_code(argv, capsys):
         (["profile", "--active-share", "1.5"], "between 0 and 1"),
         (["profile", "--active-rule", "psychic"], "invalid choice"),
         (["nonsense-command"], "invalid choice"),
+        (["profile", "--tokns", "5"], "moefy profile: error: unrecognized arguments: --tokns 5"),
+        (["profile", "--coactivaton"], "did you mean --coactivation?"),
+        (["drop", "--count", "3"], "(see 'moefy drop --help')"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, pattern, capsys):
@@ -69,6 +72,29 @@ def test_folder_that_is_not_a_hf_model(tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _run(["profile", "--model", str(tmp_path), "--out", str(out)], capsys)
     _assert_one_line_error(code, err, "config.json")
+    assert not out.exists()
+
+
+def test_unrecognized_argument_suggests_only_a_close_option(capsys):
+    code, err = _exit_code(["drop", "--count", "3"], capsys)
+    _assert_one_line_error(code, err, "--count 3")
+    assert "did you mean" not in err
+
+
+@pytest.mark.parametrize(
+    ("config", "pattern"),
+    [
+        ('{"model_type": "nonsense"}', "unknown architecture 'nonsense'"),
+        ("{", "is not a valid model config"),
+        ('{"hidden_size": 8}', "names no model_type"),
+    ],
+)
+def test_config_that_transformers_cannot_read(tmp_path, config, pattern, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(config)
+    out = tmp_path / "out"
+    code, err = _run(["profile", "--model", str(tmp_path / "model"), "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, pattern)
     assert not out.exists()
 
 

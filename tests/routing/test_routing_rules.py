@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moefy.errors import MoefyError
+from moefy.kernels.reference import top_k_mask
 from moefy.moe import MoEfyConfig, moe_layers, moefy_, reset_tally
 from moefy.moe.selectors import ExpertSelector, OracleSelector, selector_from_dict
 from moefy.routing import (
@@ -40,6 +41,16 @@ def test_dynamic_k_is_smallest_set_reaching_tau():
     assert dynamic_k_mask(scores, 0.41).tolist() == [[False, True, True, False]]
     assert dynamic_k_mask(scores, 1.0).all()
     assert dynamic_k_mask(torch.zeros(1, 4), 0.5).sum() == 1  # always at least one expert
+
+
+def test_ties_go_to_the_lower_expert_like_the_kernels():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # (N, E)
+    selector = ExpertSelector(5, k=2)
+    mask = selector.topk_mask(scores)
+    assert mask.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
+    assert torch.equal(mask, top_k_mask(scores, 2))  # the kernels' fused-routing rule
+    # dynamic k over equal shares keeps the first ones too
+    assert dynamic_k_mask(scores[1:] + 1.0, 0.4).tolist() == [[True, True, False, False, False]]
 
 
 def test_relative_to_max():

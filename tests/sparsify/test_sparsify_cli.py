@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import pytest
@@ -76,6 +77,23 @@ def test_options_of_other_methods_are_refused(model_and_text, tmp_path):
     args = _parse(["--model", str(folder), "--data", str(text), "--method", "cats", "--attention"])
     with pytest.raises(MoefyError, match="apply to teal and wina only"):
         sparsify_cmd.run(args)
+
+
+def test_short_calibration_text_is_refused_before_the_dense_pass(
+    model_and_text, tmp_path, monkeypatch
+):
+    def no_perplexity(*args, **kwargs):
+        raise AssertionError("the dense perplexity ran before the calibration text was checked")
+
+    module = importlib.import_module("moefy.eval.perplexity")  # moefy.eval.perplexity: a function
+    monkeypatch.setattr(module, "perplexity", no_perplexity)
+    folder, text = model_and_text
+    out = tmp_path / "cats"
+    argv = ["--model", str(folder), "--data", str(text), "--method", "cats", "--tokens", "64"]
+    args = _parse([*argv, "--block-len", "32", "--out", str(out)])
+    with pytest.raises(MoefyError, match=r"has 64 tokens, fewer than the 1024 cats.*--tokens"):
+        sparsify_cmd.run(args)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("value", ["1", "-0.2", "half"])

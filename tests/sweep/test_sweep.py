@@ -3,6 +3,7 @@ holds one curve per method, errors are one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -148,6 +149,18 @@ def test_errors_are_one_line(setting, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--routed" in err[0]
+
+
+def test_short_calibration_text_is_refused_before_any_evaluation(setting, tmp_path, monkeypatch):
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a model was evaluated before the calibration text was checked")
+
+    monkeypatch.setattr("moefy.eval.harness.evaluate", no_evaluation)
+    model, text = setting
+    config = dataclasses.replace(_config(model, text, ("dense", "cats")), calibration_tokens=64)
+    with pytest.raises(MoefyError, match=r"fewer than the 1024 cats needs.*--calibration-tokens"):
+        sweep(config, tmp_path / "short")
+    assert not (tmp_path / "short" / "rows.json").exists()
 
 
 def test_evaluate_cli_writes_the_report(setting, tmp_path, capsys):

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _parser=cmd)
     return parser
 
 
@@ -72,10 +72,25 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> None:
+    """Exit with one line naming the unknown arguments and the closest option, if any."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    names = [o[2:] for action in parser._actions for o in action.option_strings if o[:2] == "--"]
+    unknown = next((e[2:].split("=", 1)[0] for e in extras if e.startswith("--")), None)
+    close = difflib.get_close_matches(unknown, names, n=1, cutoff=0.8) if unknown else []
+    if close:
+        message += f"; did you mean --{close[0]}?"
+    parser.error(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moefy`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # blame the subcommand, whose --help lists what it takes
+        _unrecognized(getattr(args, "_parser", parser), extras)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_USAGE

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from moefy.eval.perplexity import perplexity
     from moefy.models.load import is_causal_lm, load_model
     from moefy.sparsify import (
+        check_calibration_text,
         config_from_dict,
         measure,
         measured_sparsity,
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             calibration = text.blocks(
                 tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
             )
+        check_calibration_text(config, calibration)  # before the dense pass, not after it
         evaluation = text.blocks(
             tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.eval_tokens
         )

@@ -20,6 +20,7 @@ from moefy.data.sources import PACKAGES, package_dir
 from moefy.dist import barrier, rank_and_world
 from moefy.errors import MoefyError
 from moefy.io import atomic_path
+from moefy.models.hf_config import read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +180,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tupl
         loader = getattr(importlib.import_module(module_name), function)
         model = loader(folder).to(device=device, dtype=dtype)
     else:
-        try:
-            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        except (ValueError, KeyError, OSError) as err:
-            raise MoefyError(f"cannot read the model config in {folder}: {err}") from None
+        config = read_hf_config(folder)
         model = _model_class(config).from_pretrained(
             folder, config=config, dtype=dtype, local_files_only=True
         )

@@ -24,9 +24,9 @@ from torch import nn
 
 from moefy.errors import MoefyError
 from moefy.io import atomic_path
+from moefy.models.hf_config import HF_CONFIG_FILE, read_hf_config
 
 WEIGHTS_FILE = "model.safetensors"
-HF_CONFIG_FILE = "config.json"
 
 
 def base_marker(model: nn.Module, format_name: str, format_version: int) -> dict[str, Any]:
@@ -150,8 +150,8 @@ def build_model(folder: Path, marker: dict[str, Any], marker_file: str) -> tuple
     dtype = getattr(torch, str(marker.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise MoefyError(f"{folder / marker_file} has an unknown dtype {marker.get('dtype')!r}")
+    hf_config = read_hf_config(folder)
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         model = model_class(hf_config)
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as err:
         raise MoefyError(f"cannot build the model from {folder / HF_CONFIG_FILE}: {err}") from None

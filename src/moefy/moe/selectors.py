@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moefy.errors import MoefyError
+from moefy.kernels.reference import top_k_mask
 
 if TYPE_CHECKING:
     from moefy.moe.module import MoEFFN
@@ -126,10 +127,12 @@ class ExpertSelector(nn.Module):
         return self.num_selected() >= self.num_experts
 
     def topk_mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """(N, E) scores -> (N, E) boolean mask of each token's top-k experts."""
-        top = scores.topk(self.num_selected(), dim=-1).indices  # (N, k)
-        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        return mask.scatter_(1, top, True)
+        """(N, E) scores -> (N, E) boolean mask of each token's top-k experts.
+
+        Ties go to the lower expert index and NaN counts as largest, the rule of the kernels'
+        fused routing (:func:`moefy.kernels.reference.top_k_mask`), so the plain and kernel paths
+        select the same experts."""
+        return top_k_mask(scores, self.num_selected())
 
     def kernel_route(self) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]] | None:
         """``(k, layers)`` when this selector is a top-k over linear layers with ReLU between
@@ -172,7 +175,7 @@ def dynamic_k_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
         tensor([[ True,  True, False, False]])
     """
     scores = scores.clamp_min(0)
-    ordered, order = scores.sort(dim=-1, descending=True)  # (N, E)
+    ordered, order = scores.sort(dim=-1, descending=True, stable=True)  # (N, E)
     before = ordered.cumsum(dim=-1) - ordered  # (N, E): mass of the better experts
     keep_sorted = before < tau * ordered.sum(dim=-1, keepdim=True)
     keep_sorted[:, 0] = True

@@ -21,6 +21,7 @@ from torch import nn
 from moefy.arch import find_ffns, replace_ffn
 from moefy.errors import MoefyError
 from moefy.io import atomic_path
+from moefy.models.hf_config import HF_CONFIG_FILE, read_hf_config
 from moefy.moe.config import MoEfyConfig
 from moefy.moe.convert import moe_layers
 from moefy.moe.module import MoEFFN, check_slots
@@ -30,7 +31,7 @@ FORMAT_NAME = "moefy-moe"
 FORMAT_VERSION = 1
 MOEFY_CONFIG_FILE = "moefy_config.json"
 WEIGHTS_FILE = "model.safetensors"
-HF_CONFIG_FILE = "config.json"
+
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -111,12 +112,7 @@ def _read_record(folder: Path) -> dict[str, Any]:
 def _build_base_model(folder: Path, record: dict[str, Any]) -> nn.Module:
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as err:
-        raise MoefyError(
-            f"{folder / HF_CONFIG_FILE}: cannot read the model config ({err})"
-        ) from None
+    config = read_hf_config(folder)
     model_class = getattr(transformers, str(record["model_class"]), None)
     if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
         raise MoefyError(f"model class {record['model_class']!r} is not a transformers model class")

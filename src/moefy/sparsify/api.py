@@ -63,6 +63,26 @@ class SparsifyReport:
         }
 
 
+def check_calibration_text(
+    config: SparsifyConfig, data: TokenBlocks | None, *, option: str = "--tokens"
+) -> None:
+    """Refuse calibration text shorter than ``config.min_calibration_tokens`` (a cheap check to
+    run before any expensive pass; :func:`sparsify_` runs it too). ``option`` is the CLI option
+    the error message tells the user to raise.
+
+    Raises:
+        MoefyError: ``data`` has fewer tokens than the method needs.
+    """
+    if not config.needs_calibration or data is None:
+        return
+    if data.n_tokens < config.min_calibration_tokens:
+        raise MoefyError(
+            f"calibration text has {data.n_tokens} tokens, fewer than the "
+            f"{config.min_calibration_tokens} {config.method} needs: give more text "
+            f"({option}) or lower min_calibration_tokens"
+        )
+
+
 def sparsify_(
     model: nn.Module,
     config: SparsifyConfig,
@@ -106,15 +126,9 @@ def sparsify_(
     handler = handler_for(config)
     if next(sparse_modules(model), None) is not None:
         raise MoefyError("the model is sparsified already: call unsparsify(model) first")
-    if config.needs_calibration:
-        if data is None and calibration is None:
-            raise MoefyError(f"{config.method} needs calibration text: pass data=TokenBlocks")
-        if data is not None and data.n_tokens < config.min_calibration_tokens:
-            raise MoefyError(
-                f"calibration text has {data.n_tokens} tokens, fewer than the "
-                f"{config.min_calibration_tokens} {config.method} needs: give more text "
-                "(--tokens) or lower min_calibration_tokens"
-            )
+    if config.needs_calibration and data is None and calibration is None:
+        raise MoefyError(f"{config.method} needs calibration text: pass data=TokenBlocks")
+    check_calibration_text(config, data)
     was_training = model.training
     model.eval()
     wrapped = handler.install(model, config)

@@ -204,6 +204,7 @@ def sweep(
             if needs_calibration
             else None
         )
+        _check_calibration_text(todo, calibration)  # before the dense pass, not after it
         reference = None
         if "agreement" in config.eval.tasks:
             reference = dense_reference(
@@ -337,3 +338,12 @@ def _print_progress(row: dict[str, Any]) -> None:
         f"{'n/a' if flops is None else f'{flops:.1%}'}, perplexity "
         f"{'n/a' if ppl is None else f'{ppl:.2f}'} ({row['seconds']:.0f} s)"
     )
+
+
+def _check_calibration_text(todo: list[tuple[str, float | None]], calibration: Any) -> None:
+    """Refuse too little calibration text for any threshold method still to run."""
+    from moefy.sparsify import check_calibration_text, config_from_dict
+
+    for method in sorted({m for m, _ in todo if get_method(m).family == "threshold"}):
+        config = config_from_dict({"method": method, "sparsity": 0.5})
+        check_calibration_text(config, calibration, option="--calibration-tokens")
