@@ -2,7 +2,7 @@
 
 The kept input rows of a threshold linear lie apart in the (I, O) weight; each is a new stream
 that the hardware prefetchers only find after its first misses. The C++ kernel prefetches rows
-of up to 2,048 floats a block ahead. This builds the same source a second time with
+of up to 1,024 floats a block ahead. This builds the same source a second time with
 ``-DMOEFY_NO_SCATTER_PREFETCH`` (the kernel without it) and times both on cold weights: each
 variant cycles through its own 64 MB of weight copies, and the order of the two alternates
 between rounds (the second call after the first tends to find the memory system warmer).
