@@ -48,11 +48,11 @@ MOEFY := $(VENV)/bin/moefy
 
 demo: $(STAMP)
 	$(MOEFY) profile --model smollm2-135m --data bbc-news --tokens $(DEMO_PROFILE_TOKENS) \
-		--coactivation --out $(RUNS)/profile
+		--coactivation --out $(RUNS)/profile --overwrite
 	$(MOEFY) convert --model smollm2-135m --experts 64 --method coactivation \
-		--profile $(RUNS)/profile --out $(RUNS)/moe
+		--profile $(RUNS)/profile --out $(RUNS)/moe --overwrite
 	$(MOEFY) train-routers --model $(RUNS)/moe --data bbc-news --router mlp \
-		--tokens $(DEMO_ROUTER_TOKENS) --eval-tokens 0 --out $(RUNS)/moe-routed
+		--tokens $(DEMO_ROUTER_TOKENS) --eval-tokens 0 --out $(RUNS)/moe-routed --overwrite
 	$(MOEFY) sweep --model smollm2-135m --data bbc-news --methods $(DEMO_METHODS) \
 		--levels $(DEMO_LEVELS) $(DEMO_LEVEL_ARGS) --tokens $(DEMO_EVAL_TOKENS) \
 		--agreement-tokens $(DEMO_AGREEMENT_TOKENS) --tasks $(DEMO_TASKS) \
@@ -72,15 +72,15 @@ lint: $(STAMP)
 # then decoding again through the compiled static-cache step (a few minutes of compiling).
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(MOEFY) bench $(BENCH_ARGS) --out $(RUNS)/bench.json
-	$(MOEFY) bench --only decode --compile $(BENCH_ARGS) --out $(RUNS)/bench-compiled.json
+	$(MOEFY) bench $(BENCH_ARGS) --out $(RUNS)/bench.json --overwrite
+	$(MOEFY) bench --only decode --compile $(BENCH_ARGS) --out $(RUNS)/bench-compiled.json --overwrite
 	$(PY) benchmarks/profile_overhead.py
 
 # The Triton kernels against cuBLAS on a CUDA GPU, then decode of a random Llama-3-8B-shaped
 # model under CUDA graphs (BENCH_GPU_ARGS=--quick for a short run).
 BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
-	$(MOEFY) bench --device cuda $(BENCH_GPU_ARGS) --out $(RUNS)/bench-gpu.json
+	$(MOEFY) bench --device cuda $(BENCH_GPU_ARGS) --out $(RUNS)/bench-gpu.json --overwrite
 
 # The test suite under the oldest versions it is checked with: torch 2.11 and transformers 5.17,
 # what the GPU machines of benchmarks/gpu_session.sh run (CPU here; not part of `make test`).

@@ -14,10 +14,10 @@ for name in base trained; do
   model=smollm2-135m
   [ "$name" = trained ] && model=$TRAINED
   "$MOEFY" profile --model "$model" --data bbc-news --tokens 16384 --coactivation \
-    --out "$OUT/$name-profile"
+    --out "$OUT/$name-profile" --overwrite
   "$MOEFY" convert --model "$model" --experts 64 --method coactivation \
-    --profile "$OUT/$name-profile" --out "$OUT/$name-moe"
+    --profile "$OUT/$name-profile" --out "$OUT/$name-moe" --overwrite
   "$MOEFY" train-routers --model "$OUT/$name-moe" --data bbc-news --router mlp --tokens 8192 \
-    --eval-tokens 4096 --fractions 0.5,0.25,0.125 --oracle --out "$OUT/$name-routed" \
+    --eval-tokens 4096 --fractions 0.5,0.25,0.125 --oracle --out "$OUT/$name-routed" --overwrite \
     --results "$OUT/$name-results.json"
 done

@@ -166,3 +166,24 @@ def write_word_text(path, docs: int = 40, words: int = 60, seed: int = 0):
         lines.append(json.dumps({"text": " ".join(WORDS[i] for i in picks)}))
     path.write_text("\n".join(lines))
     return path
+
+
+def rewrite_safetensors_header(path, change) -> None:
+    """Apply ``change(header_dict)`` to the JSON header of the safetensors file at ``path``,
+    keeping its data bytes: a file whose header lies about its tensors."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+
+def grow_first_tensor(header) -> None:
+    """A :func:`rewrite_safetensors_header` change: the first tensor claims twice its shape."""
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [dim * 2 for dim in header[name]["shape"]]

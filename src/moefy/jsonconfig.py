@@ -52,7 +52,24 @@ class JsonConfig:
     def from_json(cls: type[C], text: str) -> C:
         """Rebuild a config from :meth:`to_json` output."""
         try:
-            data = json.loads(text)
+            data = loads_json(text)
         except json.JSONDecodeError as err:
             raise MoefyError(f"{cls.__name__}: not valid JSON ({err})") from None
         return cls.from_dict(data)
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` for text from a user's file: a document nested too deeply for Python's
+    parser (a ``RecursionError`` there) raises ``json.JSONDecodeError`` like any other bad JSON,
+    so every reader's one-line error covers it.
+
+    Example:
+        >>> loads_json("[" * 100_000 + "]" * 100_000)
+        Traceback (most recent call last):
+        json.decoder.JSONDecodeError: nested too deeply to read: line 1 column 1 (char 0)
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        document = text if isinstance(text, str) else ""
+        raise json.JSONDecodeError("nested too deeply to read", document, 0) from None

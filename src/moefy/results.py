@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from moefy.errors import MoefyError
-from moefy.io import write_json
+from moefy.io import FILE, check_output, write_json
+from moefy.jsonconfig import loads_json
 
 ROW_KEY = ("family", "method", "level")
 
@@ -27,8 +28,10 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
+    if not path.is_file():
+        raise MoefyError(f"{path} is not a moefy results file (not a regular file)")
     try:
-        rows = json.loads(path.read_text())
+        rows = loads_json(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoefyError(f"{path} is not a moefy results file ({err}); move it away") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -38,6 +41,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def add_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Merge ``rows`` into the results file at ``path`` atomically; return all rows."""
+    check_output(path, FILE, overwrite=True, option="results file")  # never a folder or device
     merged = {_key(row): dict(row) for row in read_rows(path)}
     for row in rows:
         missing = [k for k in ROW_KEY if k not in row]

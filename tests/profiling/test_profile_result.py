@@ -38,6 +38,7 @@ def test_save_load_round_trip(profiled: SparsityProfile, tmp_path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "arrays.safetensors",
         "coactivation.safetensors",
+        "moefy_output.json",
         "summary.json",
     ]
     loaded = SparsityProfile.load(out)
@@ -114,7 +115,7 @@ def test_load_errors(profiled: SparsityProfile, tmp_path) -> None:
     with pytest.raises(MoefyError, match="arrays.safetensors"):
         SparsityProfile.load(out)
 
-    out = profiled.save(tmp_path / "p")
+    out = profiled.save(tmp_path / "p", overwrite=True)
     (out / "coactivation.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(MoefyError, match="co-activation"):
         SparsityProfile.load(out).coactivation(0)
@@ -139,7 +140,7 @@ def test_failed_save_keeps_the_old_profile(
 
     monkeypatch.setattr(result_module, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
-        profiled.save(out)
+        profiled.save(out, overwrite=True)
     assert (out / "summary.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary left behind
 
@@ -148,7 +149,9 @@ def test_loaded_profile_resaves_coactivation(profiled: SparsityProfile, tmp_path
     loaded = SparsityProfile.load(profiled.save(tmp_path / "a"))
     again = SparsityProfile.load(loaded.save(tmp_path / "b"))
     torch.testing.assert_close(again.coactivation(1), profiled.coactivation(1), atol=0, rtol=0)
-    loaded.save(tmp_path / "a")  # over the folder it reads its counts from
+    with pytest.raises(MoefyError, match="pass --overwrite"):
+        loaded.save(tmp_path / "a")
+    loaded.save(tmp_path / "a", overwrite=True)  # over the folder it reads its counts from
     torch.testing.assert_close(
         SparsityProfile.load(tmp_path / "a").coactivation(0),
         profiled.coactivation(0),

@@ -46,6 +46,7 @@ def test_save_then_load_keeps_thresholds_and_outputs(name, config, small_blocks,
     assert {p.name for p in folder.iterdir()} - {"generation_config.json"} == {
         "config.json",
         "model.safetensors",
+        "moefy_output.json",
         "moefy_sparsify.json",
     }
     marker = json.loads((folder / "moefy_sparsify.json").read_text())
@@ -119,6 +120,8 @@ def test_save_replaces_a_folder_atomically(tmp_path, small_blocks):
     folder = _saved(tmp_path, small_blocks)
     model = tiny_model("llama")
     sparsify_(model, TopKConfig(sparsity=0.25))
-    save_sparse(model, folder)
+    with pytest.raises(MoefyError, match="pass --overwrite"):
+        save_sparse(model, folder)
+    save_sparse(model, folder, overwrite=True)
     assert sparsify_config_of(load_sparse(folder)) == TopKConfig(sparsity=0.25)
     assert [p.name for p in tmp_path.iterdir()] == ["sparse"]  # no temporary leftovers

@@ -185,4 +185,4 @@ def test_report_cli_errors(tmp_path, capsys):
     (tmp_path / "rows.json").write_text("{not json")
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "not a sweep's rows file" in err[1]
+    assert len(err) == 2 and "is not a moefy sweep table" in err[1]

@@ -168,14 +168,21 @@ def find_ffns(model: nn.Module, spec: FFNSpec | None = None) -> list[FFNSite]:
             name = ".".join(p for p in (full_blocks, str(i), ffn_path) if p)
             if _is_dropped(block, ffn_path, spec):
                 raise MoefyError(
-                    f"{name}: this MLP or its block was dropped by drop_layers_; profile, moefy or "
-                    "sparsify before dropping MLPs or blocks, or call restore_layers first"
+                    f"{name}: this MLP or its block was dropped by drop_layers_ (moefy drop): "
+                    "profile, moefy or sparsify the model it was dropped from (or restore the "
+                    "layers with restore_layers)"
                 )
             try:
                 module = get_submodule(block, ffn_path)
                 site = FFNSite(index=len(sites), name=name, block=block, module=module, spec=spec)
                 site.part("up"), site.part("down"), site.part("act")
             except AttributeError as err:
+                if _is_moefied(block):
+                    raise MoefyError(
+                        f"{name} is a mixture-of-experts FFN (a moefied model, moefy convert): "
+                        "give the dense model it was converted from (or restore its dense FFNs "
+                        "with moefy.unmoefy(model))"
+                    ) from None
                 raise MoefyError(
                     f"{name}: {err}; the registered FFNSpec does not match this model"
                 ) from None
@@ -183,6 +190,13 @@ def find_ffns(model: nn.Module, spec: FFNSpec | None = None) -> list[FFNSite]:
     if not sites:
         raise MoefyError(f"{model_type_of(model)}: the model has no FFN layers")
     return sites
+
+
+def _is_moefied(block: nn.Module) -> bool:
+    """Whether ``block`` holds a MoE FFN (``moefy.moe``) where the spec expects a dense one."""
+    from moefy.moe.module import MoEFFN  # imported here: moefy.moe imports this module
+
+    return any(isinstance(module, MoEFFN) for module in block.modules())
 
 
 def _is_dropped(block: nn.Module, ffn_path: str, spec: FFNSpec) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import DTYPE_CHOICES, device_spec, positive_int
+from moefy.cli.args import DTYPE_CHOICES, add_output, claimed_output, device_spec, positive_int
 
 HELP = "time the sparse FFN kernels and sparse decoding against dense (medians, ratios, limits)"
 
@@ -69,13 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layers", type=positive_int, default=None, help="with --device cuda: decoder layers"
     )
-    parser.add_argument("--out", default=None, help="write the results to this JSON file")
+    add_output(parser, "write the results to this JSON file", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "file"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from moefy.bench import BenchConfig, run_bench
     from moefy.bench.report import print_results
-    from moefy.cli.show import console, status
+    from moefy.cli.show import console, esc, status
     from moefy.device import dtype_name, resolve
     from moefy.io import write_json
 
@@ -95,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         results = run_bench(config, progress=progress.update)
     print_results(results)
     if args.out:
-        write_json(args.out, results)
-        console().print(f"results written to [bold]{args.out}[/bold]")
+        write_json(args.out, results, overwrite=args.overwrite)
+        console().print(f"results written to [bold]{esc(args.out)}[/bold]")
     return 0
 
 
@@ -106,7 +111,7 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
     under CUDA graphs (:func:`moefy.bench.gpu_decode.run_decode_bench`)."""
     from moefy.bench import GpuBenchConfig, print_gpu_results, run_gpu_bench
     from moefy.bench.gpu_decode import DecodeBenchConfig, print_decode_results, run_decode_bench
-    from moefy.cli.show import console, status
+    from moefy.cli.show import console, esc, status
     from moefy.io import write_json
 
     results = {}
@@ -129,6 +134,6 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
         print_decode_results(decode)
         results["end_to_end"] = decode
     if args.out:
-        write_json(args.out, results)
-        console().print(f"results written to [bold]{args.out}[/bold]")
+        write_json(args.out, results, overwrite=args.overwrite)
+        console().print(f"results written to [bold]{esc(args.out)}[/bold]")
     return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_device_and_dtype, device_and_dtype, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_output,
+    claimed_output,
+    device_and_dtype,
+    positive_int,
+)
 
 HELP = "split each dense FFN into experts (random, params or coactivation) and save the model"
 
@@ -35,14 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="round expert sizes up to this multiple (8 or 16 suit kernels); pads with zeros",
     )
-    parser.add_argument("--out", default="runs/moe", help="output folder of the moefied model")
+    add_output(parser, "output folder of the moefied model", default="runs/moe")
     add_device_and_dtype(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
+    from moefy.errors import MoefyError
     from moefy.models.load import load_model
     from moefy.moe import MoEfyConfig, moe_layers, moefy_, save
     from moefy.profiling import SparsityProfile
@@ -56,12 +68,21 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         size_multiple=args.size_multiple,
     )
+    if args.method == "coactivation" and not args.profile:
+        raise MoefyError(
+            "--method coactivation needs --profile (a folder from moefy profile --coactivation)"
+        )
     device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
     with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    if moe_layers(model):
+        raise MoefyError(
+            f"{args.model} is a moefied model already: convert the dense model it was made "
+            "from (e.g. --model smollm2-135m)"
+        )
     moefy_(model, config, profile=profile, progress=True)
-    out = save(model, Path(args.out), tokenizer=tokenizer)
+    out = save(model, Path(args.out), tokenizer=tokenizer, overwrite=args.overwrite)
     layers = moe_layers(model)
     rows = [
         {
@@ -73,5 +94,5 @@ def run(args: argparse.Namespace) -> int:
         for moe in layers[:: max(1, len(layers) // 6)]
     ]
     print_table(f"{args.model}: {len(layers)} FFN layers split by {args.method}", rows)
-    console().print(f"moefied model written to [bold]{out}[/bold]")
+    console().print(f"moefied model written to [bold]{esc(out)}[/bold]")
     return 0

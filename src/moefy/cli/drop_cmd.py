@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from moefy.cli.args import (
     add_device_and_dtype,
     add_model_and_data,
+    add_output,
+    claimed_output,
     device_and_dtype,
+    non_negative_int,
     positive_int,
 )
 
@@ -16,25 +20,14 @@ HELP = "drop the most redundant attention/MLP layers or blocks, or skip middle b
 REPORT_FILE = "drop_report.json"
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _speedup(text: str) -> float:
-    """argparse type: a number >= 1."""
+    """argparse type: a finite number >= 1."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {value}")
     return value
 
 
@@ -42,14 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=8192)
     add_device_and_dtype(parser)
     parser.add_argument(
-        "--attention", type=_count, default=0, help="most redundant attention layers to drop"
+        "--attention",
+        type=non_negative_int,
+        default=0,
+        help="most redundant attention layers to drop",
     )
-    parser.add_argument("--mlp", type=_count, default=0, help="most redundant MLPs to drop")
-    parser.add_argument("--blocks", type=_count, default=0, help="most redundant blocks to drop")
+    parser.add_argument(
+        "--mlp", type=non_negative_int, default=0, help="most redundant MLPs to drop"
+    )
+    parser.add_argument(
+        "--blocks", type=non_negative_int, default=0, help="most redundant blocks to drop"
+    )
     skip = parser.add_mutually_exclusive_group()
     skip.add_argument(
         "--skip",
-        type=_count,
+        type=non_negative_int,
         default=0,
         help="Unified Layer Skipping: blocks to skip, spread evenly through the middle",
     )
@@ -70,13 +70,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="tokens of evaluation text for the perplexity before and after",
     )
-    parser.add_argument("--out", default="runs/drop", help="output folder for the dropped model")
+    add_output(parser, "output folder for the dropped model", default="runs/drop")
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.eval.perplexity import perplexity
@@ -153,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
             f"(x{after.perplexity / dense.perplexity:.3f})"
         )
     out = Path(args.out)
-    save_dropped(model, out, tokenizer=tokenizer, extra_json={REPORT_FILE: summary})
-    console().print(f"model written to [bold]{out}[/bold] (load with moefy.load_model)")
+    save_dropped(
+        model,
+        out,
+        tokenizer=tokenizer,
+        extra_json={REPORT_FILE: summary},
+        overwrite=args.overwrite,
+    )
+    console().print(f"model written to [bold]{esc(out)}[/bold] (load with moefy.load_model)")
     return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_device_and_dtype, add_model_and_data, device_and_dtype
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    add_output,
+    claimed_output,
+    device_and_dtype,
+)
 from moefy.cli.sweep_cmd import add_evaluation_arguments, eval_config
 
 HELP = "evaluate one model: perplexity, agreement with dense, classification, FLOPs per token"
@@ -19,14 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the dense model to compare with (needed for the agreement task and FLOPs share)",
     )
-    parser.add_argument("--out", default=None, help="write the report as JSON to this file")
+    add_output(parser, "write the report as JSON to this file", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "file"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from moefy import dist
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.errors import MoefyError
     from moefy.eval import dense_reference, evaluate, evaluation_blocks
     from moefy.io import write_json
@@ -57,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
         [{"measure": k, "value": v} for k, v in row.items() if v is not None],
     )
     if args.out:
-        write_json(args.out, report.to_dict())
-        console().print(f"report written to [bold]{args.out}[/bold]")
+        write_json(args.out, report.to_dict(), overwrite=args.overwrite)
+        console().print(f"report written to [bold]{esc(args.out)}[/bold]")
     return 0

@@ -7,7 +7,10 @@ import argparse
 from moefy.cli.args import (
     add_device_and_dtype,
     add_model_and_data,
+    add_output,
+    claimed_output,
     non_negative_float,
+    non_negative_int,
     open_unit_float,
     positive_float,
     positive_int,
@@ -18,6 +21,7 @@ HELP = (
     "moefied model, MoE-aware fine-tuning with the routers in the loop"
 )
 REPORT_FILE = "finetune_report.json"
+MODEL_STAGING = "model"  # the name its temporary folder is tagged with
 
 
 # moefy.finetune.REGULARIZERS, spelled out so that --help does not import torch (a test checks)
@@ -105,11 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order")
     parser.add_argument(
         "--eval-tokens",
-        type=int,
+        type=non_negative_int,
         default=4096,
         help="evaluation tokens for perplexity and exact zeros before and after (0: skip)",
     )
-    parser.add_argument("--out", default="runs/finetune", help="output folder (resumes if present)")
+    add_output(parser, "output folder (resumes if present)", default="runs/finetune", resume=True)
 
 
 def _measure(model, blocks, batch_size: int) -> dict[str, float]:
@@ -165,11 +169,25 @@ def _set_moe_routing(model, args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
+    from moefy.io import working_folder
+
+    # checked before any work and locked while it runs; --overwrite starts the folder afresh
+    with claimed_output(args, "folder", resume=True) as out:
+        main = os.environ.get("RANK", "0") == "0"
+        folder = working_folder(out, overwrite=args.overwrite) if main else contextlib.nullcontext()
+        with folder:
+            return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moefy import dist
     from moefy.cli.args import device_and_dtype
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
     from moefy.finetune import FinetuneConfig, finetune, relufy_
     from moefy.finetune.train import CHECKPOINT_DIR, CHECKPOINT_FILE
@@ -228,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
             ]
     resuming = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
     if main and resuming:
-        console().print(f"resuming from {out / CHECKPOINT_DIR}")
+        console().print(f"resuming from {esc(out / CHECKPOINT_DIR)}")
     report = finetune(model, train_blocks, config, out=out, teacher=teacher, progress=main)
     after = _measure(model, eval_blocks, args.batch_size) if eval_blocks is not None else {}
     if not main:
@@ -261,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
             f"{report.seconds / 60:.1f} min (stopped by {report.stopped_by})",
             rows,
         )
-    console().print(f"model written to [bold]{out}[/bold] (train_log.csv, {REPORT_FILE})")
+    console().print(f"model written to [bold]{esc(out)}[/bold] (train_log.csv, {REPORT_FILE})")
     return 0
 
 
@@ -270,13 +288,13 @@ def _save_model(model, tokenizer, out) -> None:
     ``out`` file by file, each replaced atomically, beside the checkpoint and log."""
     import os
     import shutil
-    import tempfile
-    from pathlib import Path
 
+    from moefy.io import remove_stale_temporaries, temporary_sibling
     from moefy.moe import moe_layers, save
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    remove_stale_temporaries(out / MODEL_STAGING)  # what a killed run left
+    tmp = temporary_sibling(out / MODEL_STAGING)
     try:
         source = tmp
         if moe_layers(model):

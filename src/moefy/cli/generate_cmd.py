@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moefy.bench import decode_speeds, dense_copy
     from moefy.bench.decode import generate_exactly
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.errors import MoefyError
     from moefy.kernels import set_backend
     from moefy.models.load import is_causal_lm, load_model
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         generate_exactly(model, prompt, args.max_new_tokens)[0, prompt.shape[1] :],
         skip_special_tokens=True,
     )
-    console().print(f"[bold]{args.prompt}[/bold]{text}")
+    console().print(f"[bold]{esc(args.prompt)}[/bold]{esc(text)}")
     models = {"dense": dense_copy(model), "sparse": model}
     with status("compiling and timing" if args.compile else "timing"):
         speeds = decode_speeds(

@@ -7,6 +7,8 @@ import argparse
 from moefy.cli.args import (
     add_device_and_dtype,
     add_model_and_data,
+    add_output,
+    claimed_output,
     device_and_dtype,
     positive_int,
 )
@@ -32,14 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="tokens of evaluation text for --perplexity",
     )
-    parser.add_argument("--out", default="runs/layers", help="output folder (JSON and plots)")
+    add_output(parser, "output folder (JSON and plots)", default="runs/layers")
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
+    from moefy.io import FOLDER, atomic_path
     from moefy.layers import LayerImportanceConfig, layer_importance
     from moefy.models.load import load_model
 
@@ -65,9 +73,12 @@ def run(args: argparse.Namespace) -> int:
     for part in ("attention", "mlp", "block"):
         console().print(f"most redundant {part}: {importance.most_redundant(part, shown)}")
     out = Path(args.out)
-    importance.save(out / IMPORTANCE_FILE)
-    plots = importance.plot(out)
+    with atomic_path(out, FOLDER, overwrite=args.overwrite) as staging:  # JSON and plots at once
+        staging.mkdir()
+        importance.save(staging / IMPORTANCE_FILE)
+        plots = [out / path.name for path in importance.plot(staging)]
     console().print(
-        f"written: [bold]{out / IMPORTANCE_FILE}[/bold], " + ", ".join(str(path) for path in plots)
+        f"written: [bold]{esc(out / IMPORTANCE_FILE)}[/bold], "
+        + ", ".join(esc(path) for path in plots)
     )
     return 0

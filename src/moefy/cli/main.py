@@ -2,15 +2,19 @@
 
 Heavy imports (torch, transformers) happen inside each command's ``run``, so ``moefy --help`` is
 instant. A user mistake (:class:`moefy.errors.MoefyError`, a bad argument) prints one line and
-exits with code 2; nothing is left half-written because every verb writes atomically.
+exits with code 2; nothing is left half-written because every verb writes atomically. Ctrl-C
+exits with 130 and SIGTERM with 143, after the same clean-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 # subcommand -> module defining ``HELP``, ``add_arguments(parser)`` and ``run(args)``
 COMMANDS = {
@@ -30,6 +34,31 @@ COMMANDS = {
 }
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives, so that every ``finally`` and context
+    manager on the stack runs (temporary outputs removed, locks released) as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM (schedulers, ``timeout``, ``docker stop``) into :class:`Terminated` while
+    a command runs; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -98,13 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _quiet_libraries()
     try:
-        return int(args._run(args) or 0)
+        with _sigterm_unwinds():
+            return int(args._run(args) or 0)
     except MoefyError as err:
         sys.stderr.write(f"moefy {args.command}: error: {err}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("moefy: interrupted\n")
-        return 130
+        sys.stderr.write("moefy: interrupted (nothing half-written was kept)\n")
+        return EXIT_INTERRUPTED
+    except Terminated:
+        sys.stderr.write("moefy: terminated (nothing half-written was kept)\n")
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

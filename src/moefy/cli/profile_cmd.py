@@ -7,6 +7,8 @@ import argparse
 from moefy.cli.args import (
     add_device_and_dtype,
     add_model_and_data,
+    add_output,
+    claimed_output,
     device_and_dtype,
     open_unit_float,
 )
@@ -17,7 +19,7 @@ HELP = "measure activation sparsity per FFN layer; write a profile, a table and 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=65536)
     add_device_and_dtype(parser)
-    parser.add_argument("--out", default="runs/profile", help="output folder for the profile")
+    add_output(parser, "output folder for the profile", default="runs/profile")
     parser.add_argument(
         "--active-rule",
         choices=("contribution", "nonzero", "magnitude"),
@@ -41,12 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moefy import dist
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
     from moefy.models.load import load_model
+    from moefy.moe import moe_layers, unmoefy
     from moefy.profiling import ProfileConfig, profile, write_plots
 
     config = ProfileConfig(
@@ -59,21 +67,31 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device, dtype = device_and_dtype(args)
     dist.init_from_env(device)
+    text = load_text(args.data)  # a bad --data fails before the model loads
     with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-        blocks = load_text(args.data).blocks(
+        blocks = text.blocks(
             tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
+        )
+    if moe_layers(model):
+        # Every expert together computes the dense FFN exactly (neurons regrouped, none lost), so
+        # the moefied model is profiled as that FFN; the profile then fits its dense model too.
+        unmoefy(model)
+        console().print(
+            f"{args.model} is a moefied model: profiling the neurons of its experts "
+            "(every expert, in the dense model's neuron order)",
+            markup=False,
         )
     result = profile(model, blocks, config)
     if not dist.is_main_process():
         return 0
-    result.save(out)
+    result.save(out, overwrite=args.overwrite)
     rows = result.table_rows()
     print_table(
         f"FFN activation sparsity: {args.model} on {blocks.n_tokens} tokens of {args.data}", rows
     )
-    console().print(f"profile written to [bold]{out}[/bold]")
+    console().print(f"profile written to [bold]{esc(out)}[/bold]")
     if not args.no_plots:
         plots = write_plots(result, out / "plots")
-        console().print(f"{len(plots)} plots written to [bold]{out / 'plots'}[/bold]")
+        console().print(f"{len(plots)} plots written to [bold]{esc(out / 'plots')}[/bold]")
     return 0

@@ -4,36 +4,40 @@ from __future__ import annotations
 
 import argparse
 
+from moefy.cli.args import add_output
+
 HELP = "rebuild a sweep's report.html from its rows.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="a sweep folder (made by moefy sweep)")
     parser.add_argument("--profile", default=None, help="profile folder whose plots to include")
-    parser.add_argument("--out", default=None, help="report path (default SWEEP/report.html)")
+    add_output(
+        parser, "report path (default SWEEP/report.html, which is always rewritten)", default=None
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
     from types import SimpleNamespace
 
-    from moefy.cli.show import console
+    from moefy.cli.show import console, esc
     from moefy.errors import MoefyError
+    from moefy.io import FILE, OutputLock, check_output
     from moefy.sweep.report import write_report
-    from moefy.sweep.runner import REPORT_FILE, ROWS_FILE
+    from moefy.sweep.runner import REPORT_FILE, read_rows
 
     folder = Path(args.sweep)
-    rows_file = folder / ROWS_FILE
-    if not rows_file.is_file():
-        raise MoefyError(f"{rows_file} not found: run moefy sweep --out {folder} first")
-    try:
-        rows = json.loads(rows_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MoefyError(f"{rows_file} is not a sweep's rows file ({err})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
-        raise MoefyError(f"{rows_file} is not a sweep's rows file (expected a list of rows)")
+    # the sweep's own report is always rewritten; another path follows the output policy
+    out, overwrite = (
+        (args.out, args.overwrite) if args.out is not None else (folder / REPORT_FILE, True)
+    )
+    check_output(out, FILE, overwrite=overwrite)
+    rows = read_rows(folder)  # a one-line error for a missing or malformed rows.json
+    if args.profile is not None and not Path(args.profile).is_dir():
+        raise MoefyError(f"--profile {args.profile} is not a folder: give a moefy profile --out")
     config = SimpleNamespace(profile=args.profile, model=folder.name, to_dict=lambda: {})
-    path = write_report(rows, args.out or folder / REPORT_FILE, config=config)
-    console().print(f"report: [bold]{path}[/bold]")
+    with OutputLock(out):
+        path = write_report(rows, out, config=config, overwrite=overwrite)
+    console().print(f"report: [bold]{esc(path)}[/bold]")
     return 0

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 
 from moefy.cli.args import (
+    RESULTS_HELP,
     add_device_and_dtype,
     add_model_and_data,
+    add_output,
+    claimed_output,
     device_and_dtype,
     float_list,
+    non_negative_int,
     positive_int,
 )
 
@@ -41,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "by the last round's routers at 25 %% of experts",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument("--out", default="runs/moe-routed", help="output folder of the model")
+    add_output(parser, "output folder of the model", default="runs/moe-routed")
     parser.add_argument(
         "--eval-tokens",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="evaluation tokens for the perplexity table (0: skip evaluation)",
     )
@@ -65,16 +69,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also evaluate oracle selection at the same budgets (rows oracle-top*, oracle-dyn*)",
     )
-    parser.add_argument(
-        "--results", default="runs/results.json", help="JSON results file to add the rows to"
-    )
+    parser.add_argument("--results", default="runs/results.json", help=RESULTS_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
+    with (  # checked before any work, locked while it runs
+        claimed_output(args, "folder"),
+        claimed_output(args, "file", option="--results", overwrite=True),
+    ):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
     from moefy.dist import init_from_env, is_main_process
     from moefy.errors import MoefyError
@@ -111,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
             f"{100 * config.report_fraction:g} % of experts",
             report.rows(),
         )
-        out = save(model, Path(args.out), tokenizer=tokenizer)
+        out = save(model, Path(args.out), tokenizer=tokenizer, overwrite=args.overwrite)
         (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
-        console().print(f"routed model and {REPORT_FILE} written to [bold]{out}[/bold]")
+        console().print(f"routed model and {REPORT_FILE} written to [bold]{esc(out)}[/bold]")
     if args.eval_tokens > 0:
         from moefy.eval.perplexity import perplexity
         from moefy.moe import set_selection
@@ -177,5 +187,5 @@ def run(args: argparse.Namespace) -> int:
                 for r in rows
             ]
             print_table(f"{args.router} routers: perplexity (dense {dense:.3f})", shown)
-            console().print(f"rows added to [bold]{args.results}[/bold]")
+            console().print(f"rows added to [bold]{esc(args.results)}[/bold]")
     return 0

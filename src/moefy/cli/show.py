@@ -16,6 +16,14 @@ PROGRESS_ENV = "MOEFY_PROGRESS"
 
 
 @functools.cache
+def esc(value: object) -> str:
+    """``value`` as text that rich prints as it is: a path or name holding ``[...]`` is not
+    read as markup (which would restyle the line or raise on a stray closing tag)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def console():
     """The shared rich console (stdout)."""
     import sys
@@ -50,7 +58,7 @@ def status(message: str) -> Any:
     """
     if os.environ.get(PROGRESS_ENV) == "lines":
         return _LineStatus(message)
-    return console().status(message)
+    return console().status(esc(message))
 
 
 def _cell(value: object) -> str:
@@ -66,11 +74,11 @@ def print_table(title: str, rows: Sequence[Mapping[str, object]]) -> None:
     from rich.table import Table
 
     if not rows:
-        console().print(f"{title}: (no rows)")
+        console().print(f"{esc(title)}: (no rows)")
         return
-    table = Table(title=title)
+    table = Table(title=esc(title))
     for key in rows[0]:
-        table.add_column(str(key), justify="right")
+        table.add_column(esc(key), justify="right")
     for row in rows:
-        table.add_row(*(_cell(v) for v in row.values()))
+        table.add_row(*(esc(_cell(v)) for v in row.values()))
     console().print(table)

@@ -7,6 +7,8 @@ import argparse
 from moefy.cli.args import (
     add_device_and_dtype,
     add_model_and_data,
+    add_output,
+    claimed_output,
     device_and_dtype,
     positive_int,
 )
@@ -61,7 +63,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8192,
         help="tokens of evaluation text for the measured sparsity and perplexity",
     )
-    parser.add_argument("--out", default="runs/sparsify", help="output folder for the sparse model")
+    add_output(parser, "output folder for the sparse model", default="runs/sparsify")
+
+
+def _refuse_changed_model(model: object, name: str) -> None:
+    """A moefied, sparsified or MLP-dropped model cannot be sparsified: say what to give."""
+    from moefy.arch import find_ffns
+    from moefy.errors import MoefyError
+    from moefy.moe import moe_layers
+    from moefy.sparsify.wrappers import sparse_modules
+
+    if moe_layers(model):
+        raise MoefyError(
+            f"{name} is a moefied model: sparsify the dense model it was converted from (e.g. "
+            "--model smollm2-135m), or compare both with moefy sweep --methods teal,moe-oracle"
+        )
+    if next(sparse_modules(model), None) is not None:
+        raise MoefyError(
+            f"{name} is sparsified already: sparsify the dense model it was made from (e.g. "
+            "--model smollm2-135m) with the new settings"
+        )
+    find_ffns(model)  # a one-line error for dropped MLPs or an unsupported architecture
 
 
 def _config_fields(args: argparse.Namespace) -> dict[str, object]:
@@ -78,10 +100,15 @@ def _config_fields(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moefy import dist
-    from moefy.cli.show import console, print_table, status
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.eval.perplexity import perplexity
@@ -106,15 +133,16 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     dist.init_from_env(device)
     main = dist.is_main_process()
+    text = load_text(args.data)  # a bad --data fails before the model loads
     with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-        text = load_text(args.data)
+        _refuse_changed_model(model, args.model)  # before any evaluation
         calibration = None
         if config.needs_calibration:
             calibration = text.blocks(
                 tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
             )
-        check_calibration_text(config, calibration)  # before the dense pass, not after it
+        check_calibration_text(config, calibration, option="--tokens")  # before the dense pass
         evaluation = text.blocks(
             tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.eval_tokens
         )
@@ -157,11 +185,12 @@ def run(args: argparse.Namespace) -> int:
         model,
         out,
         tokenizer=tokenizer,
+        overwrite=args.overwrite,
         extra_json={
             REPORT_FILE: {**summary, "report": report.to_dict(), "measured": measured.to_dict()}
         },
     )
     console().print(
-        f"sparse model written to [bold]{out}[/bold] (load with moefy.sparsify.load_sparse)"
+        f"sparse model written to [bold]{esc(out)}[/bold] (load with moefy.sparsify.load_sparse)"
     )
     return 0

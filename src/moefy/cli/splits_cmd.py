@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from moefy.cli.args import (
+    RESULTS_HELP,
     add_device_and_dtype,
     add_model_and_data,
+    claimed_output,
     device_and_dtype,
     float_list,
     positive_int,
@@ -33,21 +35,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", default=None, help="profile folder with co-activation counts (coactivation)"
     )
-    parser.add_argument(
-        "--results", default="runs/results.json", help="JSON results file to add the rows to"
-    )
+    parser.add_argument("--results", default="runs/results.json", help=RESULTS_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moefy.cli.show import console, print_table, status
+    # checked before any work, locked while it runs
+    with claimed_output(args, "file", option="--results", overwrite=True):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moefy.arch import find_ffns
+    from moefy.cli.show import console, esc, print_table, status
     from moefy.data.text import load_text
     from moefy.errors import MoefyError
     from moefy.models.load import load_model
+    from moefy.moe import moe_layers
     from moefy.moe.quality import split_quality
+    from moefy.moe.split import SPLIT_METHODS
     from moefy.profiling import SparsityProfile
     from moefy.results import add_rows
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = ", ".join(sorted(SPLIT_METHODS))
+    unknown = [m for m in methods if m not in SPLIT_METHODS]
+    if unknown:
+        raise MoefyError(f"--methods: unknown split method {', '.join(unknown)} (known: {known})")
+    if not methods:
+        raise MoefyError(f"--methods names no split method (known: {known})")
     if "coactivation" in methods and not args.profile:
         raise MoefyError(
             "--methods coactivation needs --profile (run moefy profile --coactivation)"
@@ -56,9 +71,16 @@ def run(args: argparse.Namespace) -> int:
         raise MoefyError(f"--fractions must lie in (0, 1], got {args.fractions}")
     device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
+    text = load_text(args.data)  # a bad --data fails before the model loads
     with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-        blocks = load_text(args.data).blocks(
+        if moe_layers(model):  # before the dense evaluation, not after it
+            raise MoefyError(
+                f"{args.model} is a moefied model already: compare split methods on the dense "
+                "model it was converted from (e.g. --model smollm2-135m)"
+            )
+        find_ffns(model)  # a one-line error for dropped MLPs, before the dense evaluation
+        blocks = text.blocks(
             tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.tokens
         )
     rows = split_quality(
@@ -90,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
         f"{blocks.n_tokens} evaluation tokens of {args.data}",
         shown,
     )
-    console().print(f"rows added to [bold]{args.results}[/bold]")
+    console().print(f"rows added to [bold]{esc(args.results)}[/bold]")
     return 0

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from moefy.cli.args import add_device_and_dtype, add_model_and_data, float_list, positive_int
+from moefy.cli.args import (
+    add_device_and_dtype,
+    add_model_and_data,
+    add_output,
+    claimed_output,
+    float_list,
+    positive_int,
+)
 
 HELP = "evaluate many methods at several levels on the same text; write report.html"
 
@@ -99,16 +106,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--experts", type=positive_int, default=64, help="experts per layer when --moe is not given"
     )
-    parser.add_argument("--out", default="runs/sweep", help="sweep folder (cache, rows, report)")
+    add_output(parser, "sweep folder (cache, rows, report)", default="runs/sweep", resume=True)
     add_device_and_dtype(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "folder", resume=True):  # checked before any work, locked
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from moefy import dist
-    from moefy.cli.show import console, print_table
+    from moefy.cli.show import console, esc, print_table
+    from moefy.errors import MoefyError
     from moefy.sweep import SweepConfig, headline, sweep
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    named = [name for name, _ in args.level]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:
+        raise MoefyError(
+            f"--level given twice for {', '.join(twice)}: put all of a method's levels in one "
+            f"--level {twice[0]}=LEVEL,LEVEL"
+        )
     config = SweepConfig(
         model=args.model,
         methods=methods,
@@ -126,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     dist.init_from_env(config.resolved()[0])
     main = dist.is_main_process()
     if main:
-        console().print(f"sweep: {len(config.plan())} evaluations into {args.out}")
-    result = sweep(config, args.out, progress=main)
+        console().print(f"sweep: {len(config.plan())} evaluations into {esc(args.out)}")
+    result = sweep(config, args.out, progress=main, overwrite=args.overwrite)
     if not main:
         return 0
     print_table(
@@ -141,11 +161,11 @@ def run(args: argparse.Namespace) -> int:
             console().print(f"within {entry['budget']:.0%} of dense FFN FLOPs: no method fits")
         else:
             console().print(
-                f"best within {entry['budget']:.0%} of dense FFN FLOPs: [bold]{row['method']}"
+                f"best within {entry['budget']:.0%} of dense FFN FLOPs: [bold]{esc(row['method'])}"
                 f"[/bold] {row['level']:g} (perplexity {row['perplexity']:.2f}, FFN FLOPs "
                 f"{row['ffn_flops_fraction']:.1%})"
             )
-    console().print(f"report: [bold]{result.report}[/bold]")
+    console().print(f"report: [bold]{esc(result.report)}[/bold]")
     return 0
 
 

@@ -36,6 +36,16 @@ USER_SUFFIXES = (".txt", ".jsonl")
 PIECE_CHARS = 16_384
 _LINE_START = re.compile(r"\n(?=\S)")
 _WHITESPACE = re.compile(r"\s")
+_KEYS_SHOWN = 5  # keys of a bad .jsonl record named in the error
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True)
@@ -239,6 +249,11 @@ def load_text(name_or_path: str | Path = "bbc-news") -> TextSource:
         (19009, ['negative', 'positive'])
     """
     name = str(name_or_path)
+    if not name.strip():  # Path("") is the current folder: never read it by accident
+        raise MoefyError(
+            f"no text given (--data {name!r}): give a built-in ({', '.join(BUILTIN_TEXTS)}) "
+            "or a .txt / .jsonl file or folder"
+        )
     if name in BUILTIN_TEXTS:
         documents, labels = BUILTIN_TEXTS[name].read(f"text '{name}'")
         return _make_source(name, documents, labels)
@@ -292,7 +307,15 @@ def _user_files(root: Path) -> list[Path]:
 
 def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise MoefyError(f"cannot read {path} ({err.strerror or err})") from None
+    if b"\0" in raw:  # text has no NUL bytes; a binary file may still decode as UTF-8
+        raise MoefyError(
+            f"{path} holds NUL bytes: it is binary (or UTF-16), not UTF-8 text; re-save it as UTF-8"
+        )
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise MoefyError(f"{path} is not UTF-8 text ({err.reason}): re-save it as UTF-8") from None
 
@@ -303,7 +326,9 @@ def _read_user_file(path: Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         return [text]
     documents = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028 and other characters a
+    # JSON string may hold as they are, and would number lines unlike an editor.
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -313,14 +338,35 @@ def _read_user_file(path: Path) -> list[str]:
                 f"{path} line {line_number} is not valid JSON ({err.msg}): "
                 'give one JSON object per line, e.g. {"text": "..."}'
             ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        except RecursionError:
             raise MoefyError(
-                f'{path} line {line_number} has no string "text" field (found: {keys}): '
-                'give each line a "text" field'
+                f"{path} line {line_number} is nested too deeply to read: "
+                'give one JSON object per line, e.g. {"text": "..."}'
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise MoefyError(
+                f'{path} line {line_number} has no string "text" field (found: '
+                f'{_describe_record(record)}): give each line a "text" field'
             )
+        try:  # JSON may escape a lone surrogate ("\\ud800"), which no tokenizer takes
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise MoefyError(
+                f'{path} line {line_number}: its "text" holds an unpaired surrogate '
+                f"(\\u{ord(err.object[err.start]):04x}), which is not Unicode text: fix that escape"
+            ) from None
         documents.append(record["text"])
     return documents
+
+
+def _describe_record(record: Any) -> str:
+    """A .jsonl record for an error message, on one line: its first keys, or its type."""
+    if not isinstance(record, dict):
+        return _JSON_TYPES[type(record)]
+    keys = [key if key.isprintable() else ascii(key) for key in list(record)[:_KEYS_SHOWN]]
+    more = ", ..." if len(record) > _KEYS_SHOWN else ""
+    text_type = "" if "text" not in record else f'; "text" is {_JSON_TYPES[type(record["text"])]}'
+    return (", ".join(keys) or "no keys") + more + text_type
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

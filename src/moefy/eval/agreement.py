@@ -23,6 +23,7 @@ from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_, rank_and_world
 from moefy.errors import MoefyError
 from moefy.eval.cost import Cost, measure_cost
+from moefy.eval.perplexity import check_blocks, finite_perplexity
 from moefy.models.load import is_causal_lm
 
 REFERENCE_DTYPE = torch.float16
@@ -78,6 +79,7 @@ def _check_causal(model: nn.Module, blocks: TokenBlocks) -> None:
             f"perplexity and agreement need a causal language model, got {type(model).__name__}; "
             "use the classification tasks for encoders"
         )
+    check_blocks(blocks)
     if blocks.block_len < 2:
         raise MoefyError(
             f"language-model scores need blocks of >= 2 tokens, not {blocks.block_len}"
@@ -206,9 +208,9 @@ def score_lm(
     cost = _reduce_cost(cost, device)
     n_tokens = int(totals[1])
     compared = int(totals[4])
-    mean_nll = float(totals[0]) / n_tokens
+    ppl, mean_nll = finite_perplexity(float(totals[0]), n_tokens)
     scores = LMScores(
-        perplexity=math.exp(mean_nll),
+        perplexity=ppl,
         nll=mean_nll,
         n_tokens=n_tokens,
         top1_agreement=float(totals[2]) / compared if compared else None,

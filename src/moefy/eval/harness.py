@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moefy.data.blocks import TokenBlocks
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.eval.agreement import DenseReference, LMScores, score_lm
 from moefy.eval.classify import CLASSIFICATION_TASKS, ClassificationResult, classify
 from moefy.eval.config import EvalConfig
@@ -142,7 +142,8 @@ def evaluate(
         >>> evaluate(model, EvalConfig(tasks=("perplexity", "agreement")), tok,
         ...          reference=ref, blocks=blocks).row()
     """
-    config = config or EvalConfig()
+    config = EvalConfig() if config is None else config
+    check_config(config, EvalConfig)
     start = time.perf_counter()
     if "agreement" in config.tasks and reference is None:
         raise MoefyError(

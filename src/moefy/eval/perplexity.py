@@ -12,6 +12,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from moefy.errors import MoefyError
 from moefy.models.load import is_causal_lm
 
 DEFAULT_BATCH_SIZE = 8
+# the largest mean NLL whose exp is a finite float64 perplexity
+MAX_NLL = math.log(sys.float_info.max)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,9 @@ def perplexity(
         The perplexity, mean NLL and number of predicted tokens over all ranks.
 
     Raises:
-        MoefyError: the model is not a causal LM, or blocks are shorter than 2 tokens.
+        MoefyError: the model is not a causal LM, data that is not (non-empty) token blocks,
+            blocks shorter than 2 tokens, or a perplexity that is not finite (nan or inf
+            logits).
 
     Example:
         >>> model, tokenizer = load_model("smollm2-135m")
@@ -81,6 +86,7 @@ def perplexity(
             f"perplexity needs a causal language model, got {type(model).__name__}: "
             "encoder-only and encoder-decoder models have no next-token predictions"
         )
+    check_blocks(data)
     if data.block_len < 2:
         raise MoefyError(f"perplexity needs blocks of at least 2 tokens, got {data.block_len}")
     if batch_size < 1:
@@ -117,5 +123,45 @@ def perplexity(
         model.train(was_training)
     all_reduce_sum_(totals)
     n_tokens = int(totals[1].item())
-    mean_nll = totals[0].item() / n_tokens
-    return PerplexityResult(perplexity=math.exp(mean_nll), nll=mean_nll, n_tokens=n_tokens)
+    ppl, mean_nll = finite_perplexity(totals[0].item(), n_tokens)
+    return PerplexityResult(perplexity=ppl, nll=mean_nll, n_tokens=n_tokens)
+
+
+def check_blocks(data: object) -> None:
+    """Refuse evaluation data that is not non-empty :class:`TokenBlocks`.
+
+    Raises:
+        MoefyError: a list, a tensor, None, or blocks with no tokens.
+    """
+    if not isinstance(data, TokenBlocks):
+        raise MoefyError(
+            f"evaluation data must be TokenBlocks (load_text(...).blocks(tokenizer, "
+            f"'evaluation')), got {type(data).__name__}"
+        )
+    if data.num_blocks == 0 or data.block_len == 0:
+        raise MoefyError("the evaluation text has no tokens: give more text")
+
+
+def finite_perplexity(nll_sum: float, n_tokens: int) -> tuple[float, float]:
+    """``(perplexity, mean NLL)`` of ``n_tokens`` predictions whose NLLs sum to ``nll_sum``.
+
+    A perplexity that is nan or inf is never a result: it means the model's logits are not
+    finite (damaged weights, or a float16 overflow), so it is an error, not a number to print.
+
+    Raises:
+        MoefyError: no predictions, or a mean NLL that is nan or too large for a finite exp.
+
+    Example:
+        >>> finite_perplexity(2 * math.log(4.0), 2)
+        (4.0, 1.3862943611198906)
+    """
+    if n_tokens <= 0:
+        raise MoefyError("the evaluation text gave no predictions: give more text")
+    mean_nll = nll_sum / n_tokens
+    if not math.isfinite(mean_nll) or mean_nll > MAX_NLL:
+        kind = "nan" if math.isnan(mean_nll) else "infinite"
+        raise MoefyError(
+            f"perplexity is {kind}: the model's logits are not finite on the evaluation text "
+            "(damaged weights, or an overflow in float16: try --dtype fp32)"
+        )
+    return math.exp(mean_nll), mean_nll

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moefy.errors import MoefyError
@@ -11,6 +12,11 @@ from moefy.jsonconfig import JsonConfig
 CONFIG_VERSION = 1
 # what FinetuneConfig.train may name: every parameter, or a moefied model's routers only
 TRAINED_PARTS = ("all", "routers")
+
+
+def _finite(value: object) -> bool:
+    """A real, finite number (not a bool, nan or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,8 @@ class FinetuneConfig(JsonConfig):
         for name, value in budgets.items():
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise MoefyError(f"{name} must be an integer >= 1 (or None), got {value!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise MoefyError(f"minutes must be > 0 (or None), got {self.minutes!r}")
+        if self.minutes is not None and not (_finite(self.minutes) and self.minutes > 0):
+            raise MoefyError(f"minutes must be > 0 and finite (or None), got {self.minutes!r}")
         if self.max_steps is None and self.max_tokens is None and self.minutes is None:
             raise MoefyError(
                 "give a training budget: max_steps, max_tokens or minutes (--steps, --tokens, "
@@ -107,14 +113,12 @@ class FinetuneConfig(JsonConfig):
             "efficiency",
         ):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise MoefyError(f"{name} must be a number >= 0, got {value!r}")
+            if not (_finite(value) and value >= 0):
+                raise MoefyError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.lr > 0:
             raise MoefyError(f"lr must be > 0, got {self.lr}")
-        if self.router_lr is not None and (
-            not isinstance(self.router_lr, (int, float)) or not self.router_lr > 0
-        ):
-            raise MoefyError(f"router_lr must be > 0 (or None), got {self.router_lr!r}")
+        if self.router_lr is not None and not (_finite(self.router_lr) and self.router_lr > 0):
+            raise MoefyError(f"router_lr must be > 0 and finite (or None), got {self.router_lr!r}")
         for name in ("batch_size", "grad_accum", "reg_stages", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -123,10 +127,8 @@ class FinetuneConfig(JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise MoefyError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.straight_through is not None and (
-            isinstance(self.straight_through, bool)
-            or not isinstance(self.straight_through, (int, float))
-            or not self.straight_through > 0
+        if self.straight_through is not None and not (
+            _finite(self.straight_through) and self.straight_through > 0
         ):
             raise MoefyError(
                 f"straight_through must be a temperature > 0 (or None), got "

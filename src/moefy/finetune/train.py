@@ -22,6 +22,7 @@ import copy
 import csv
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch import nn
 
 from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_, rank_and_world
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.finetune.config import FinetuneConfig
 from moefy.finetune.moe_aware import (
     RoutedTraining,
@@ -45,6 +46,8 @@ from moefy.finetune.moe_aware import (
 )
 from moefy.finetune.regularizers import penalty, weight_at
 from moefy.finetune.sparsity import hook_activations
+from moefy.io import FOLDER, check_output
+from moefy.models.weights import state_dict_error
 from moefy.moe.convert import moe_layers
 
 CHECKPOINT_DIR = "checkpoint"
@@ -68,6 +71,18 @@ LOG_FIELDS = (
 )
 # fields that may change between a run and its resumption (the budget can be extended)
 _RESUMABLE_CHANGES = ("max_steps", "max_tokens", "minutes", "checkpoint_every", "log_every")
+# what a checkpoint must hold to be resumed from
+_CHECKPOINT_KEYS = (
+    "config",
+    "model",
+    "optimizer",
+    "steps",
+    "tokens",
+    "seconds",
+    "epoch",
+    "position",
+    "rng",
+)
 
 
 @dataclass
@@ -210,13 +225,37 @@ def _check_data(data: TokenBlocks, config: FinetuneConfig, world: int) -> None:
 
 def _load_checkpoint(folder: Path, config: FinetuneConfig) -> dict[str, Any] | None:
     path = folder / CHECKPOINT_DIR / CHECKPOINT_FILE
+    # refused here, before training, not when the first checkpoint is written over it
+    for part, kind, is_kind in ((path.parent, "folder", Path.is_dir), (path, "file", Path.is_file)):
+        if part.is_symlink() or (part.exists() and not is_kind(part)):
+            raise MoefyError(
+                f"{part} is not a regular {kind}, so no checkpoint can be written there: move it "
+                "away, or give another --out"
+            )
     if not path.is_file():
         return None
+    # weights_only: a checkpoint holds tensors and plain values only, so nothing in the file can
+    # run code while it is read (a crafted pickle is refused, not executed).
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise MoefyError(
+            f"{path} holds more than tensors and plain values, which moefy never unpickles (it "
+            "could run code): delete it to start afresh"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise MoefyError(f"{path} is unreadable ({err}): delete it to start afresh") from None
-    saved = FinetuneConfig.from_dict(state["config"]).to_dict()
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoefyError(f"{path} is unreadable ({reason}): delete it to start afresh") from None
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise MoefyError(
+            f"{path} is not a finetune checkpoint (lacks {', '.join(missing) or 'its config'}): "
+            "delete it to start afresh"
+        )
+    try:
+        saved = FinetuneConfig.from_dict(state["config"]).to_dict()
+    except (TypeError, ValueError) as err:  # MoefyError included
+        raise MoefyError(f"{path} holds a bad config ({err}): delete it to start afresh") from None
     mine = config.to_dict()
     differ = sorted(k for k in mine if k not in _RESUMABLE_CHANGES and saved.get(k) != mine[k])
     if differ:
@@ -232,7 +271,7 @@ def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
 
     target = folder / CHECKPOINT_DIR
     target.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target / CHECKPOINT_FILE) as tmp:
+    with atomic_path(target / CHECKPOINT_FILE, overwrite=True) as tmp:
         torch.save(state, tmp)
 
 
@@ -292,12 +331,14 @@ def finetune(
 
     from moefy.models.load import is_causal_lm
 
+    check_config(config, FinetuneConfig)
     if not is_causal_lm(model):
         raise MoefyError(f"finetune trains causal LMs; {type(model).__name__} is not one")
     rank, world = rank_and_world()
     _check_data(data, config, world)
     shard = data.shard(rank, world)
-    folder = None if out is None else Path(out)
+    # a folder moefy did not write is refused before any work; moefy's own is resumed
+    folder = None if out is None else check_output(out, FOLDER, resume=True, option="out")
     state = None if folder is None else _load_checkpoint(folder, config)
     routed_model = bool(moe_layers(model))
     if config.efficiency > 0 and not routed_model:
@@ -327,11 +368,21 @@ def finetune(
     seconds = 0.0
     order = _Order(shard.num_blocks, config.seed + rank)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        steps, tokens, seconds = state["steps"], state["tokens"], state["seconds"]
-        order = _Order(shard.num_blocks, config.seed + rank, state["epoch"], state["position"])
-        torch.set_rng_state(state["rng"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            steps, tokens = int(state["steps"]), int(state["tokens"])
+            seconds = float(state["seconds"])
+            order = _Order(
+                shard.num_blocks, config.seed + rank, int(state["epoch"]), int(state["position"])
+            )
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as err:
+            raise MoefyError(
+                f"{folder / CHECKPOINT_DIR / CHECKPOINT_FILE} does not fit this model "
+                f"({state_dict_error(err)}): give the model the run started from, or another "
+                "--out to start afresh"
+            ) from None
     else:
         torch.manual_seed(config.seed)
     resumed_from = steps

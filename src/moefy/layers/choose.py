@@ -57,7 +57,7 @@ def blocks_for_speedup(num_blocks: int, speedup: float) -> int:
         >>> blocks_for_speedup(30, 1.5)
         10
     """
-    if not isinstance(speedup, (int, float)) or isinstance(speedup, bool) or speedup < 1:
+    if not isinstance(speedup, (int, float)) or isinstance(speedup, bool) or not speedup >= 1:
         raise MoefyError(f"speedup must be a number >= 1, got {speedup!r}")
     return round(num_blocks * (1.0 - 1.0 / speedup))
 

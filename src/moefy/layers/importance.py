@@ -31,7 +31,7 @@ from torch import nn
 from moefy.arch import model_type_of
 from moefy.arch.spec import get_submodule
 from moefy.data.blocks import TokenBlocks
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.layers.config import LayerImportanceConfig
 from moefy.layers.drop import drop_layers_, dropped_layers, restore_layers
 from moefy.layers.result import LayerImportance, LayerScores
@@ -215,7 +215,8 @@ def layer_importance(
         >>> importance.most_redundant("attention", 4)
         [27, 25, 22, 26]
     """
-    config = config or LayerImportanceConfig()
+    config = LayerImportanceConfig() if config is None else config
+    check_config(config, LayerImportanceConfig)
     sites = find_layers(model)
     was_training = model.training
     model.eval()

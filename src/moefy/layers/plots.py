@@ -34,7 +34,7 @@ def _new_axes():
 
 
 def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=True) as tmp:  # inside moefy's output folder
         figure.savefig(tmp, format="png")
     return path
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from moefy.errors import MoefyError
 from moefy.io import write_json
+from moefy.jsonconfig import loads_json
 from moefy.layers.config import LayerImportanceConfig
 from moefy.layers.sites import ATTENTION, BLOCK, MLP, PARTS
 
@@ -166,9 +167,10 @@ class LayerImportance:
         except (KeyError, TypeError, AttributeError) as err:
             raise MoefyError(f"malformed layer-importance record ({err})") from None
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the result as JSON to ``path`` atomically; returns the path."""
-        write_json(path, self.to_dict())
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the result as JSON to ``path`` atomically (an existing file is replaced only
+        with ``overwrite``); returns the path."""
+        write_json(path, self.to_dict(), overwrite=overwrite)
         return Path(path)
 
     @classmethod
@@ -178,7 +180,7 @@ class LayerImportance:
         if not path.is_file():
             raise MoefyError(f"no such file: {path}; write one with LayerImportance.save")
         try:
-            data = json.loads(path.read_text())
+            data = loads_json(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise MoefyError(f"{path} is not valid JSON ({err})") from None
         return cls.from_dict(data)

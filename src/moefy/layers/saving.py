@@ -43,14 +43,17 @@ def save_dropped(
     *,
     tokenizer: Any = None,
     extra_json: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a model with dropped layers to the folder ``path`` atomically.
 
     Args:
         model: a Hugging Face decoder changed by :func:`drop_layers_`.
-        path: the folder (replaced if it exists).
+        path: the folder.
         tokenizer: optional tokenizer to save alongside.
         extra_json: optional ``file name -> JSON-able object`` written in the same atomic step.
+        overwrite: replace ``path`` if moefy wrote it before (a folder moefy did not write is
+            never replaced; see :mod:`moefy.io`).
 
     Returns:
         The folder path.
@@ -75,6 +78,7 @@ def save_dropped(
         tokenizer=tokenizer,
         extra_json=extra_json,
         set_architectures=True,
+        overwrite=overwrite,
     )
 
 
@@ -106,8 +110,14 @@ def load_dropped(path: str | os.PathLike) -> nn.Module:
         ("dropped",),
         "it is not a folder of a model with dropped layers; write one with save_dropped",
     )
-    dropped = DropConfig.from_dict(marker["dropped"])
+    try:
+        dropped = DropConfig.from_dict(marker["dropped"])
+    except MoefyError as err:
+        raise MoefyError(f"{folder / MARKER_FILE}: {err}: save the model again") from None
     model, dtype = build_model(folder, marker, MARKER_FILE)
-    drop_layers_(model, **dropped.indices(), keep_weights=dropped.keep_weights)
+    try:
+        drop_layers_(model, **dropped.indices(), keep_weights=dropped.keep_weights)
+    except MoefyError as err:  # layer numbers the model does not have
+        raise MoefyError(f"{folder / MARKER_FILE}: {err}: save the model again") from None
     load_weights(model, folder)
     return model.to(dtype).eval()

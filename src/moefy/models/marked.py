@@ -19,12 +19,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from moefy.errors import MoefyError
-from moefy.io import atomic_path
+from moefy.io import FOLDER, atomic_path, check_output
+from moefy.jsonconfig import loads_json
 from moefy.models.hf_config import HF_CONFIG_FILE, read_hf_config
+from moefy.models.weights import float_dtype, load_safetensors, safetensors_header
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -51,20 +52,23 @@ def write_marked_folder(
     tokenizer: Any = None,
     extra_json: dict[str, Any] | None = None,
     set_architectures: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write config, generation config, tokenizer, extra JSON, weights and marker atomically.
 
     Args:
         model: a Hugging Face model (with ``config``).
-        path: the folder (replaced if it exists; nothing half-written is left on failure).
+        path: the folder (nothing half-written is left on failure).
         marker_file: the marker's file name.
         marker: the marker (see :func:`base_marker`).
         tokenizer: optional tokenizer to save alongside.
         extra_json: optional ``file name -> JSON-able object`` written in the same step.
         set_architectures: record the model's class in ``config.architectures``.
+        overwrite: replace ``path`` if moefy wrote it before (a folder moefy did not write is
+            never replaced; see :mod:`moefy.io`).
 
     Raises:
-        MoefyError: the model has no Hugging Face config.
+        MoefyError: the model has no Hugging Face config, or ``path`` is refused.
     """
     from safetensors.torch import save_model
 
@@ -73,7 +77,8 @@ def write_marked_folder(
         raise MoefyError(
             f"{type(model).__name__} has no Hugging Face config: save its state_dict yourself"
         )
-    with atomic_path(path) as tmp:
+    check_output(path, FOLDER, overwrite=overwrite, option="path")
+    with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
         tmp.mkdir()
         hf_config = type(hf_config).from_dict(hf_config.to_dict())  # a copy we may edit
         if hasattr(hf_config, "quantization_config"):
@@ -116,13 +121,17 @@ def read_marker(
     if not marker_path.is_file():
         raise MoefyError(f"{folder} has no {marker_file}: {missing_hint}")
     try:
-        marker = json.loads(marker_path.read_text())
+        marker = loads_json(marker_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoefyError(f"{marker_path} is corrupt ({err}): save the model again") from None
     if not isinstance(marker, dict) or marker.get("format") != format_name:
         raise MoefyError(f"{marker_path} is not a {format_name} marker: save the model again")
     version = marker.get("format_version")
-    if not isinstance(version, int) or version > format_version:
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= format_version
+    ):
         raise MoefyError(
             f"{marker_path} has format version {version!r}; this moefy reads up to "
             f"{format_version}: upgrade moefy"
@@ -130,6 +139,9 @@ def read_marker(
     for key in ("model_class", *required):
         if key not in marker:
             raise MoefyError(f"{marker_path} lacks {key!r}: save the model again")
+    if not isinstance(marker["model_class"], str):
+        raise MoefyError(f"{marker_path} has no model class name: save the model again")
+    float_dtype(marker.get("dtype", "float32"), marker_path)
     return marker
 
 
@@ -147,9 +159,8 @@ def build_model(folder: Path, marker: dict[str, Any], marker_file: str) -> tuple
             f"{folder / marker_file} names model class {marker['model_class']!r}, which this "
             "transformers does not have: upgrade transformers or save again"
         )
-    dtype = getattr(torch, str(marker.get("dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype):
-        raise MoefyError(f"{folder / marker_file} has an unknown dtype {marker.get('dtype')!r}")
+    dtype = float_dtype(marker.get("dtype", "float32"), folder / marker_file)
+    safetensors_header(folder / WEIGHTS_FILE)  # a corrupt weight file fails before the build
     hf_config = read_hf_config(folder)
     try:
         model = model_class(hf_config)
@@ -161,17 +172,6 @@ def build_model(folder: Path, marker: dict[str, Any], marker_file: str) -> tuple
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load the folder's safetensors into ``model`` strictly; a one-line error on mismatch."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise MoefyError(f"{weights} is missing: save the model again")
-    try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoefyError(
-            f"{weights} does not match the model ({first_line}): save it again"
-        ) from None
+    """Load the folder's safetensors into ``model`` strictly; a one-line error on a mismatch, a
+    corrupt file or non-finite weights."""
+    load_safetensors(model, folder / WEIGHTS_FILE)

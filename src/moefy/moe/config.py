@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import loads_json
 
 CONFIG_VERSION = 1
 _SUGGESTIONS = 4
@@ -122,7 +123,7 @@ class MoEfyConfig:
     def from_json(cls, text: str) -> MoEfyConfig:
         """Rebuild a config from :meth:`to_json` output."""
         try:
-            data = json.loads(text)
+            data = loads_json(text)
         except json.JSONDecodeError as err:
             raise MoefyError(f"MoEfyConfig: not valid JSON ({err})") from None
         return cls.from_dict(data)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moefy.arch import FFNSite, find_ffns, get_spec, model_type_of, replace_ffn, restore_ffn
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.moe.config import MoEfyConfig
 from moefy.moe.module import MoEFFN
 from moefy.moe.split import SPLIT_METHODS, SplitRequest, split_neurons
@@ -110,6 +110,7 @@ def moefy_(
         >>> moefy_(model, MoEfyConfig(num_experts=64, method="params"))
         >>> set_selection(model, fraction=0.25)
     """
+    check_config(config, MoEfyConfig)
     if moe_layers(model):
         raise MoefyError("the model is moefied already; call moefy.unmoefy(model) first")
     sites = find_ffns(model)

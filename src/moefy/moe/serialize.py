@@ -20,8 +20,10 @@ from torch import nn
 
 from moefy.arch import find_ffns, replace_ffn
 from moefy.errors import MoefyError
-from moefy.io import atomic_path
+from moefy.io import FOLDER, atomic_path, check_output
+from moefy.jsonconfig import loads_json
 from moefy.models.hf_config import HF_CONFIG_FILE, read_hf_config
+from moefy.models.weights import float_dtype, load_safetensors, safetensors_header
 from moefy.moe.config import MoEfyConfig
 from moefy.moe.convert import moe_layers
 from moefy.moe.module import MoEFFN, check_slots
@@ -33,21 +35,32 @@ MOEFY_CONFIG_FILE = "moefy_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 GENERATION_CONFIG_FILE = "generation_config.json"
+# layer record fields: integers (the smallest allowed value) and booleans
+_LAYER_INTS = {"index": 0, "num_experts": 1, "expert_size": 1, "d_ff": 1}
+_LAYER_BOOLS = ("gated", "in_bias", "out_bias")
+# safetensors dtype codes a saved MoE layer may hold: float weights and int64 slot tables
+_FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+_SLOT_CODE = "I64"
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+def save(
+    model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
     """Write a moefied model to the folder ``path`` atomically (it replaces any old folder).
 
     Args:
         model: a moefied Hugging Face model.
         path: the output folder.
         tokenizer: optional tokenizer to save alongside.
+        overwrite: replace ``path`` if moefy wrote it before (see :mod:`moefy.io`; a folder
+            moefy did not write is never replaced).
 
     Returns:
         The folder path.
 
     Raises:
-        MoefyError: the model has no MoE layers or no Hugging Face config.
+        MoefyError: the model has no MoE layers or no Hugging Face config, or ``path`` is
+            refused (it exists without ``overwrite``, or moefy did not write it).
 
     Example:
         >>> save(model, "runs/moe", tokenizer=tokenizer)
@@ -73,8 +86,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None) ->
         "moefy_config": None if moefy_config is None else moefy_config.to_dict(),
         "layers": [moe.layer_record() for moe in layers],
     }
-    path = Path(path)
-    with atomic_path(path) as tmp:
+    path = check_output(path, FOLDER, overwrite=overwrite, option="path")
+    with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
         tmp.mkdir()
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
@@ -93,12 +106,13 @@ def _read_record(folder: Path) -> dict[str, Any]:
         if not (folder / name).is_file():
             raise MoefyError(f"{folder}: missing {name}; not a folder written by moefy.save")
     try:
-        record = json.loads((folder / MOEFY_CONFIG_FILE).read_text())
+        record = loads_json((folder / MOEFY_CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoefyError(f"{folder / MOEFY_CONFIG_FILE}: corrupt JSON ({err})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
         raise MoefyError(f"{folder / MOEFY_CONFIG_FILE}: not a moefy MoE config")
-    if record.get("version") != FORMAT_VERSION:
+    version = record.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
         raise MoefyError(
             f"{folder / MOEFY_CONFIG_FILE}: format version {record.get('version')!r} is not "
             f"supported (this moefy reads version {FORMAT_VERSION})"
@@ -106,7 +120,60 @@ def _read_record(folder: Path) -> dict[str, Any]:
     for key in ("model_class", "dtype", "layers"):
         if key not in record:
             raise MoefyError(f"{folder / MOEFY_CONFIG_FILE}: missing {key!r}")
+    if not isinstance(record["model_class"], str):
+        raise MoefyError(
+            f"{folder / MOEFY_CONFIG_FILE}: model_class {record['model_class']!r} is not a class "
+            "name: save the model again"
+        )
+    float_dtype(record["dtype"], folder / MOEFY_CONFIG_FILE)
+    _check_layer_records(record["layers"], folder / MOEFY_CONFIG_FILE)
     return record
+
+
+def _layer_problem(entry: Any) -> str | None:
+    """What is wrong with the fields of one layer record, or None."""
+    if not isinstance(entry, dict):
+        return f"is {type(entry).__name__}, not an object"
+    for key, lowest in _LAYER_INTS.items():
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            return f"has {key}={value!r}, not an integer >= {lowest}"
+    for key in _LAYER_BOOLS:
+        if not isinstance(entry.get(key), bool):
+            return f"has {key}={entry.get(key)!r}, not true or false"
+    if not isinstance(entry.get("name"), str) or not isinstance(entry.get("selector"), dict):
+        return "lacks its name or selector"
+    if entry["d_ff"] > entry["num_experts"] * entry["expert_size"]:
+        return (
+            f"has {entry['num_experts']} experts x {entry['expert_size']} slots, fewer than its "
+            f"d_ff={entry['d_ff']} neurons"
+        )
+    return None
+
+
+def _check_layer_records(layers: Any, where: Path) -> None:
+    """Refuse layer records of the wrong types or ranges, before anything is built from them."""
+    if not isinstance(layers, list) or not layers:
+        raise MoefyError(f"{where}: 'layers' is not a non-empty list: save the model again")
+    problems = []
+    for position, entry in enumerate(layers):
+        problem = _layer_problem(entry)
+        if problem is not None:
+            label = entry.get("index", position) if isinstance(entry, dict) else position
+            problems.append((label, problem))
+    _raise_first(where, problems, len(layers), "save the model again")
+    indices = [entry["index"] for entry in layers]
+    if len(set(indices)) != len(indices):
+        raise MoefyError(f"{where}: a layer index appears twice: save the model again")
+
+
+def _raise_first(where: Path, problems: list[tuple[Any, str]], total: int, todo: str) -> None:
+    """One line for all the layers that are wrong: the first one, and how many there are."""
+    if not problems:
+        return
+    label, problem = problems[0]
+    more = f" ({len(problems)} of {total} layers are wrong)" if len(problems) > 1 else ""
+    raise MoefyError(f"{where}: layer {label} {problem}{more}: {todo}")
 
 
 def _build_base_model(folder: Path, record: dict[str, Any]) -> nn.Module:
@@ -116,47 +183,80 @@ def _build_base_model(folder: Path, record: dict[str, Any]) -> nn.Module:
     model_class = getattr(transformers, str(record["model_class"]), None)
     if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
         raise MoefyError(f"model class {record['model_class']!r} is not a transformers model class")
-    dtype = getattr(torch, str(record["dtype"]), None)
-    if not isinstance(dtype, torch.dtype):
-        raise MoefyError(f"unknown dtype {record['dtype']!r} in {MOEFY_CONFIG_FILE}")
+    dtype = float_dtype(record["dtype"], folder / MOEFY_CONFIG_FILE)
     model = model_class(config).to(dtype)
     if (folder / GENERATION_CONFIG_FILE).is_file() and hasattr(model, "generation_config"):
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
     return model
 
 
-def _empty_moe(site_weights: Any, entry: dict[str, Any]) -> MoEFFN:
-    try:
-        E, S = int(entry["num_experts"]), int(entry["expert_size"])
-        gated, in_bias, out_bias = (
-            bool(entry["gated"]),
-            bool(entry["in_bias"]),
-            bool(entry["out_bias"]),
-        )
-        d_ff = int(entry["d_ff"])
-        selector_record = entry["selector"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise MoefyError(f"{MOEFY_CONFIG_FILE}: malformed layer record ({err})") from None
-    if d_ff != site_weights.d_ff or gated != site_weights.gated or d_ff > E * S:
-        raise MoefyError(
-            f"{MOEFY_CONFIG_FILE}: layer {entry.get('index')} records d_ff={d_ff}, gated={gated}, "
-            f"{E}x{S} slots; the model config gives d_ff={site_weights.d_ff}, "
-            f"gated={site_weights.gated}"
-        )
-    D = site_weights.d_model
-    selector = selector_from_dict(selector_record, num_experts=E, d_model=D)
+def _empty_moe(site_weights: Any, entry: dict[str, Any], device: Any = None) -> MoEFFN:
+    """An MoE layer of the recorded shapes (checked by :func:`_check_layer_records`), zeroed;
+    on ``device="meta"`` (under ``torch.device("meta")``) it allocates nothing."""
+    E, S, D = entry["num_experts"], entry["expert_size"], site_weights.d_model
+    selector = selector_from_dict(entry["selector"], num_experts=E, d_model=D)
     return MoEFFN(
         D,
         E,
         S,
-        gated=gated,
+        gated=entry["gated"],
         act=site_weights.act,
-        in_bias=in_bias,
-        out_bias=out_bias,
+        in_bias=entry["in_bias"],
+        out_bias=entry["out_bias"],
         selector=selector,
         dtype=site_weights.w_up.dtype,
-        device=site_weights.w_up.device,
+        device=site_weights.w_up.device if device is None else device,
     )
+
+
+def _moe_prefix(site: Any) -> str:
+    """Where the MoE layer of ``site`` sits in the state dict (in the block, for inline FFNs)."""
+    return f"{site.name}.{site.spec.up}" if site.spec.inline else site.name
+
+
+def _layer_vs_weights(
+    entry: dict[str, Any], site: Any, header: dict[str, tuple[tuple[int, ...], str]], name: str
+) -> str | None:
+    """What is wrong with a layer record against its model site and the weights' header, or
+    None; the comparison builds the layer on the meta device, so no record allocates memory."""
+    weights = site.weights()
+    if entry["d_ff"] != weights.d_ff or entry["gated"] != weights.gated:
+        return (
+            f"records d_ff={entry['d_ff']}, gated={entry['gated']} but the model config gives "
+            f"d_ff={weights.d_ff}, gated={weights.gated}"
+        )
+    prefix = _moe_prefix(site)
+    slots = header.get(f"{prefix}.perm")
+    if slots is None:
+        return f"has no weights in {name} (no {prefix}.perm)"
+    if slots[0] != (entry["num_experts"], entry["expert_size"]):
+        held = " x ".join(str(n) for n in slots[0])
+        return (
+            f"records {entry['num_experts']} experts x {entry['expert_size']} slots but {name} "
+            f"holds {held}"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = _empty_moe(weights, entry, device="meta")
+    except (ValueError, TypeError, KeyError) as err:  # MoefyError included: a bad selector
+        return f"has a selector that cannot be built ({err})"
+    expected = skeleton.state_dict()
+    for key, tensor in expected.items():
+        saved = header.get(f"{prefix}.{key}")
+        codes = (_SLOT_CODE,) if key == "perm" else _FLOAT_CODES
+        if saved is None:
+            return f"needs {prefix}.{key}, which {name} lacks"
+        if saved[0] != tuple(tensor.shape) or saved[1] not in codes:
+            return (
+                f"needs {prefix}.{key} of shape {tuple(tensor.shape)}; {name} holds "
+                f"{saved[1]} {saved[0]}"
+            )
+    extra = sorted(
+        k for k in header if k.startswith(f"{prefix}.") and k[len(prefix) + 1 :] not in expected
+    )
+    if extra:
+        return f"does not give the layer {extra[0]}, which {name} holds"
+    return None
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:
@@ -176,40 +276,49 @@ def from_pretrained(path: str | os.PathLike) -> nn.Module:
         >>> model = from_pretrained("runs/moe")
         >>> set_selection(model, fraction=0.25)
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     folder = Path(path)
     if not folder.is_dir():
         raise MoefyError(f"{folder}: no such folder")
     record = _read_record(folder)
+    where = folder / MOEFY_CONFIG_FILE
+    header = safetensors_header(folder / WEIGHTS_FILE)  # a corrupt file fails before any build
     model = _build_base_model(folder, record)
     moefy_config = record.get("moefy_config")
-    config = None if moefy_config is None else MoEfyConfig.from_dict(moefy_config)
+    try:
+        config = None if moefy_config is None else MoEfyConfig.from_dict(moefy_config)
+    except (TypeError, ValueError) as err:  # MoefyError included
+        raise MoefyError(f"{where}: bad moefy_config ({err}): save the model again") from None
     sites = find_ffns(model)
     names = {id(module): name for name, module in model.named_modules()}
-    built: list[tuple[MoEFFN, int]] = []
+    placed = []
     for entry in record["layers"]:
-        index = entry.get("index") if isinstance(entry, dict) else None
-        if not isinstance(index, int) or not 0 <= index < len(sites):
-            raise MoefyError(f"{MOEFY_CONFIG_FILE}: layer index {index!r} is not in this model")
-        site = sites[index]
-        if entry.get("name") != site.name:
+        index = entry["index"]
+        if index >= len(sites):
             raise MoefyError(
-                f"{MOEFY_CONFIG_FILE}: layer {index} is {entry.get('name')!r} there but "
-                f"{site.name!r} in the model"
+                f"{where}: layer index {index} is not in this model ({len(sites)} FFNs)"
             )
+        site = sites[index]
+        if entry["name"] != site.name:
+            raise MoefyError(
+                f"{where}: layer {index} is {entry['name']!r} there but {site.name!r} in the model"
+            )
+        placed.append((entry, site))
+    # every recorded size is compared with the weights before any MoE layer is allocated
+    problems = [
+        (entry["index"], problem)
+        for entry, site in placed
+        if (problem := _layer_vs_weights(entry, site, header, WEIGHTS_FILE)) is not None
+    ]
+    _raise_first(where, problems, len(placed), "the files do not belong together; save again")
+    built: list[tuple[MoEFFN, int]] = []
+    for entry, site in placed:
         moe = _empty_moe(site.weights(), entry)
-        moe.layer_index, moe.site_name, moe.block_name = index, site.name, names[id(site.block)]
+        moe.layer_index, moe.site_name = entry["index"], site.name
+        moe.block_name = names[id(site.block)]
         moe.moefy_config = config
         moe.keep_dense_skeleton(replace_ffn(model, site, moe))
-        built.append((moe, int(entry["d_ff"])))
-    try:
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
-    except (RuntimeError, SafetensorError, OSError) as err:
-        raise MoefyError(
-            f"{folder / WEIGHTS_FILE} does not match the recorded model: {err}"
-        ) from None
+        built.append((moe, entry["d_ff"]))
+    load_safetensors(model, folder / WEIGHTS_FILE)
     for moe, d_ff in built:
         check_slots(moe.perm, d_ff)
     return model.eval()

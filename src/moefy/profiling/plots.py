@@ -39,7 +39,7 @@ def _new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = _
 
 
 def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=True) as tmp:  # inside moefy's output folder
         figure.savefig(tmp, format="png")
     return path
 

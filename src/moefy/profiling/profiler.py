@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from moefy.arch import FFNSite, find_ffns
 from moefy.data.blocks import TokenBlocks
 from moefy.dist import is_main_process, rank_and_world
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.profiling.accumulators import LayerAccumulator
 from moefy.profiling.config import ProfileConfig
 from moefy.profiling.result import SparsityProfile, model_fingerprint
@@ -51,8 +51,7 @@ def profile(
         >>> result.table_rows()[0]["active %"]
     """
     config = config if config is not None else ProfileConfig()
-    if not isinstance(config, ProfileConfig):
-        raise MoefyError(f"config must be a ProfileConfig, got {type(config).__name__}")
+    check_config(config, ProfileConfig)
     if not isinstance(data, TokenBlocks):
         raise MoefyError(f"data must be TokenBlocks (see moefy.data), got {type(data).__name__}")
     sites = find_ffns(model)

@@ -30,7 +30,8 @@ from torch import nn
 from moefy.arch import find_ffns, model_type_of
 from moefy.dist import is_main_process
 from moefy.errors import MoefyError
-from moefy.io import atomic_path
+from moefy.io import FOLDER, atomic_path
+from moefy.jsonconfig import loads_json
 from moefy.profiling.accumulators import fraction_below, histogram_quantile
 from moefy.profiling.config import ProfileConfig
 
@@ -360,11 +361,12 @@ class SparsityProfile:
 
     # ------------------------------------------------------------------ files
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the profile to folder ``path`` atomically (replacing it); rank 0 only.
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the profile to folder ``path`` atomically; rank 0 only.
 
         Args:
             path: the output folder.
+            overwrite: replace ``path`` if moefy wrote it before (see :mod:`moefy.io`).
 
         Returns:
             ``Path(path)``.
@@ -375,9 +377,7 @@ class SparsityProfile:
         path = Path(path)
         if not is_main_process():
             return path
-        if path.exists() and not path.is_dir():
-            raise MoefyError(f"cannot save a profile to {path}: it is a file, not a folder")
-        with atomic_path(path) as tmp:
+        with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
             tmp.mkdir()
             arrays = {
                 f"layer.{i}.{name}": tensor.contiguous()
@@ -422,7 +422,7 @@ class SparsityProfile:
                 f"{ARRAYS_FILE}, written by 'moefy profile' or SparsityProfile.save"
             )
         try:
-            summary = json.loads(summary_file.read_text())
+            summary = loads_json(summary_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise MoefyError(
                 f"{summary_file} is corrupt ({err}); profile the model again"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import loads_json
 
 CONFIG_VERSION = 1
 
@@ -132,7 +133,7 @@ class RouterConfig:
     def from_json(cls, text: str) -> RouterConfig:
         """Rebuild a config from :meth:`to_json` output."""
         try:
-            data = json.loads(text)
+            data = loads_json(text)
         except json.JSONDecodeError as err:
             raise MoefyError(f"RouterConfig: not valid JSON ({err})") from None
         return cls.from_dict(data)

@@ -37,7 +37,7 @@ from torch import nn
 
 from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_, broadcast_, rank_and_world
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.moe.flops import ffn_flops_per_token
 from moefy.moe.module import MoEFFN
 from moefy.routing.config import RouterConfig
@@ -449,7 +449,8 @@ def train_routers(
     """
     from moefy.moe.convert import moe_layers, reset_tally
 
-    config = config or RouterConfig()
+    config = RouterConfig() if config is None else config
+    check_config(config, RouterConfig)
     layers = moe_layers(model)
     if not layers:
         raise MoefyError("the model has no MoE layers; call moefy_ first")

@@ -64,11 +64,11 @@ class SparsifyReport:
 
 
 def check_calibration_text(
-    config: SparsifyConfig, data: TokenBlocks | None, *, option: str = "--tokens"
+    config: SparsifyConfig, data: TokenBlocks | None, *, option: str | None = None
 ) -> None:
     """Refuse calibration text shorter than ``config.min_calibration_tokens`` (a cheap check to
     run before any expensive pass; :func:`sparsify_` runs it too). ``option`` is the CLI option
-    the error message tells the user to raise.
+    the error message tells the user to raise; None (Python callers) names the config field.
 
     Raises:
         MoefyError: ``data`` has fewer tokens than the method needs.
@@ -78,8 +78,12 @@ def check_calibration_text(
     if data.n_tokens < config.min_calibration_tokens:
         raise MoefyError(
             f"calibration text has {data.n_tokens} tokens, fewer than the "
-            f"{config.min_calibration_tokens} {config.method} needs: give more text "
-            f"({option}) or lower min_calibration_tokens"
+            f"{config.min_calibration_tokens} {config.method} needs: "
+            + (
+                "give more calibration text or lower min_calibration_tokens"
+                if option is None
+                else f"give more text ({option})"
+            )
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import loads_json
 
 CONFIG_VERSION = 1
 DEFAULT_BATCH_SIZE = 8
@@ -247,7 +248,7 @@ def config_from_dict(data: dict[str, Any]) -> SparsifyConfig:
 def config_from_json(text: str) -> SparsifyConfig:
     """Rebuild a config from :meth:`SparsifyConfig.to_json` output."""
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except json.JSONDecodeError as err:
         raise MoefyError(f"sparsify config is not valid JSON: {err}") from None
     return config_from_dict(data)

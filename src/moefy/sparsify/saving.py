@@ -44,8 +44,9 @@ def save_sparse(
     *,
     tokenizer: Any = None,
     extra_json: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a sparsified model to the folder ``path`` atomically (replacing what is there).
+    """Write a sparsified model to the folder ``path`` atomically.
 
     Args:
         model: a Hugging Face model changed by ``sparsify_`` (or loaded by :func:`load_sparse`).
@@ -53,6 +54,8 @@ def save_sparse(
         tokenizer: optional tokenizer to save alongside.
         extra_json: optional ``file name -> JSON-able object`` written into the same folder in
             the same atomic step (reports, measurements).
+        overwrite: replace ``path`` if moefy wrote it before (a folder moefy did not write is
+            never replaced; see :mod:`moefy.io`).
 
     Returns:
         The folder path.
@@ -74,7 +77,13 @@ def save_sparse(
         "wrapped": wrapped,
     }
     return write_marked_folder(
-        model, path, MARKER_FILE, marker, tokenizer=tokenizer, extra_json=extra_json
+        model,
+        path,
+        MARKER_FILE,
+        marker,
+        tokenizer=tokenizer,
+        extra_json=extra_json,
+        overwrite=overwrite,
     )
 
 
@@ -106,10 +115,13 @@ def load_sparse(path: str | os.PathLike) -> nn.Module:
         ("sparsify_config", "wrapped"),
         "it is not a moefy sparse model folder; write one with save_sparse(model, folder)",
     )
-    config = config_from_dict(marker["sparsify_config"])
+    try:
+        config = config_from_dict(marker["sparsify_config"])
+    except MoefyError as err:
+        raise MoefyError(f"{folder / MARKER_FILE}: {err}: save the model again") from None
     model, dtype = build_model(folder, marker, MARKER_FILE)
     wrapped = handler_for(config).install(model, config)
-    if [name for name, _ in wrapped] != list(marker["wrapped"]):
+    if [name for name, _ in wrapped] != marker["wrapped"]:
         raise MoefyError(
             f"{folder}: the saved wrapped layers do not match what {config.method} installs on "
             "this model: save the model again with this moefy"

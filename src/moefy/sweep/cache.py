@@ -15,6 +15,7 @@ from typing import Any
 
 from moefy.errors import MoefyError
 from moefy.io import write_json
+from moefy.jsonconfig import loads_json
 
 CACHE_DIR = "cache"
 KEY_CHARS = 16
@@ -65,7 +66,7 @@ class SweepCache:
         if not path.is_file():
             return None
         try:
-            record = json.loads(path.read_text())
+            record = loads_json(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None  # a damaged entry is recomputed
         return record if isinstance(record, dict) and "row" in record else None

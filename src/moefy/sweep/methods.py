@@ -9,6 +9,7 @@ budget for every method; ``moe-dynk`` takes DSTI's tau, layer methods a number o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ class SweepMethod:
         default_levels: levels used when the user gives none; empty for ``dense``.
         prepare: ``(context, level) -> model`` ready to evaluate.
         uses_shared_levels: ``--levels`` applies (a kept share); else only per-method levels.
+        check_level: ``level -> None``, raising :class:`MoefyError` for a level the method
+            cannot take; :class:`moefy.sweep.SweepConfig` calls it before any model is loaded.
+            None: only ``prepare`` checks.
     """
 
     name: str
@@ -108,6 +112,7 @@ class SweepMethod:
     default_levels: tuple[float, ...]
     prepare: Callable[[SweepContext, float | None], nn.Module]
     uses_shared_levels: bool = True
+    check_level: Callable[[float | None], None] | None = None
 
 
 METHODS: dict[str, SweepMethod] = {}
@@ -120,10 +125,35 @@ def register_method(method: SweepMethod, *, overwrite: bool = False) -> None:
     METHODS[method.name] = method
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_share(level: float | None, method: str) -> float:
-    if level is None or not 0.0 < level <= 1.0:
+    if not _is_number(level) or not 0.0 < level <= 1.0:
         raise MoefyError(f"{method}: a level is the kept share of the FFN, in (0, 1], got {level}")
     return float(level)
+
+
+def _share_check(method: str) -> Callable[[float | None], None]:
+    def check(level: float | None) -> None:
+        _check_share(level, method)
+
+    return check
+
+
+def _check_tau(level: float | None) -> None:
+    if not _is_number(level) or not 0.0 < level <= 1.0:
+        raise MoefyError(f"moe-dynk: a level is tau in (0, 1], got {level}")
+
+
+def _layer_check(kind: str) -> Callable[[float | None], None]:
+    def check(level: float | None) -> None:
+        whole = _is_number(level) and math.isfinite(level) and int(level) == level
+        if not whole or level < 0:
+            raise MoefyError(f"{kind}: a level is a whole number of layers, got {level}")
+
+    return check
 
 
 def _dense(context: SweepContext, level: float | None) -> nn.Module:
@@ -170,19 +200,32 @@ def _moe_router(router: str) -> Callable[[SweepContext, float | None], nn.Module
 def _moe_dynamic(context: SweepContext, level: float | None) -> nn.Module:
     from moefy.routing import set_routing
 
-    if level is None or not 0.0 < level <= 1.0:
-        raise MoefyError(f"moe-dynk: a level is tau in (0, 1], got {level}")
+    _check_tau(level)
     model = context.load_routed()
     set_routing(model, "dynamic", tau=float(level))
     return model
 
 
+def _threshold_config(method: str, level: float | None) -> Any:
+    """The sparsify config of a threshold method at a level (its kept share)."""
+    from moefy.sparsify import config_from_dict
+
+    share = _check_share(level, method)
+    return config_from_dict({"method": method, "sparsity": round(1.0 - share, 6)})
+
+
+def _threshold_check(method: str) -> Callable[[float | None], None]:
+    def check(level: float | None) -> None:
+        _threshold_config(method, level)
+
+    return check
+
+
 def _threshold(method: str) -> Callable[[SweepContext, float | None], nn.Module]:
     def prepare(context: SweepContext, level: float | None) -> nn.Module:
-        from moefy.sparsify import config_from_dict, sparsify_
+        from moefy.sparsify import sparsify_
 
-        share = _check_share(level, method)
-        config = config_from_dict({"method": method, "sparsity": round(1.0 - share, 6)})
+        config = _threshold_config(method, level)
         if config.needs_calibration and context.calibration is None:
             raise MoefyError(f"{method} needs calibration text")
         model = context.load_dense()
@@ -201,19 +244,34 @@ def _threshold(method: str) -> Callable[[SweepContext, float | None], nn.Module]
 
 def _register_builtins() -> None:
     register_method(SweepMethod("dense", "dense", "", (), _dense, uses_shared_levels=False))
-    register_method(SweepMethod("moe-oracle", "moe", KEPT_SHARE, (0.5, 0.25, 0.125), _moe_oracle))
-    for router in ("mlp", "linear", "centroid"):
+    for name in ("moe-oracle", "moe-mlp", "moe-linear", "moe-centroid"):
+        prepare = _moe_oracle if name == "moe-oracle" else _moe_router(name.removeprefix("moe-"))
         register_method(
-            SweepMethod(f"moe-{router}", "moe", KEPT_SHARE, (0.5, 0.25, 0.125), _moe_router(router))
+            SweepMethod(
+                name, "moe", KEPT_SHARE, (0.5, 0.25, 0.125), prepare, check_level=_share_check(name)
+            )
         )
     register_method(
         SweepMethod(
-            "moe-dynk", "moe", "tau (DSTI)", (0.9, 0.8), _moe_dynamic, uses_shared_levels=False
+            "moe-dynk",
+            "moe",
+            "tau (DSTI)",
+            (0.9, 0.8),
+            _moe_dynamic,
+            uses_shared_levels=False,
+            check_level=_check_tau,
         )
     )
     for method in ("teal", "cats", "chess", "wina", "topk"):
         register_method(
-            SweepMethod(method, "threshold", KEPT_SHARE, (0.75, 0.5, 0.35), _threshold(method))
+            SweepMethod(
+                method,
+                "threshold",
+                KEPT_SHARE,
+                (0.75, 0.5, 0.35),
+                _threshold(method),
+                check_level=_threshold_check(method),
+            )
         )
 
 
@@ -246,8 +304,7 @@ def _register_layer_methods() -> None:
 
     def layer_method(kind: str) -> Callable[[SweepContext, float | None], nn.Module]:
         def prepare(context: SweepContext, level: float | None) -> nn.Module:
-            if level is None or level < 0 or int(level) != level:
-                raise MoefyError(f"{kind}: a level is a whole number of layers, got {level}")
+            _layer_check(kind)(level)
             model = context.load_dense()
             apply_layer_method(model, kind, int(level), calibration=context.calibration)
             return model
@@ -263,6 +320,7 @@ def _register_layer_methods() -> None:
                 (2, 4, 8),
                 layer_method(kind),
                 uses_shared_levels=False,
+                check_level=_layer_check(kind),
             )
         )
 

@@ -93,7 +93,7 @@ def _plot_png(rows: Sequence[dict[str, Any]], metric: str, label: str, log_y: bo
             if method == "dense"
             else {"marker": markers[i % len(markers)]}
         )
-        axes.plot(xs, ys, label=method, linewidth=1.6, **style)
+        axes.plot(xs, ys, label=_plain_label(method), linewidth=1.6, **style)
     chance_key = metric.removesuffix("_accuracy") + "_chance"
     chance = [r[chance_key] for r in rows if r.get(chance_key) is not None]
     if chance:  # the majority-label rate of the scored examples
@@ -112,6 +112,45 @@ def _plot_png(rows: Sequence[dict[str, Any]], metric: str, label: str, log_y: bo
     return buffer.getvalue()
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _level_text(level: Any) -> str:
+    """A row's level for HTML text: ``0.5``, empty for None, escaped text otherwise."""
+    if level is None:
+        return ""
+    return f"{level:g}" if _is_number(level) else html.escape(str(level))
+
+
+def _script_json(data: Any) -> str:
+    """``data`` as JSON that is safe inside a ``<script>`` element: ``<``, ``>`` and ``&``
+    become ``\\u003c``, ``\\u003e`` and ``\\u0026`` (no string can close the element or open
+    a comment), U+2028 / U+2029 become escapes too. ``json.loads`` reads the same data back."""
+    text = json.dumps(data)
+    for char, escaped in _SCRIPT_ESCAPES.items():
+        text = text.replace(char, escaped)
+    return text
+
+
+# Inside <script> these could end the element, open a comment or (U+2028/9) end a JavaScript
+# line; json.dumps leaves the first three as they are.
+_SCRIPT_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+
+
+def _plain_label(name: str) -> str:
+    """A legend label shown as written: ``$`` would start mathtext (a bad formula fails the
+    plot) and a leading ``_`` hides the curve from the legend."""
+    label = str(name).replace("$", r"\$")
+    return " " + label if label.startswith("_") else label
+
+
 def _img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -120,6 +159,8 @@ def _img(png: bytes, alt: str) -> str:
 def _fmt(value: Any, kind: str = "") -> str:
     if value is None:
         return ""
+    if not _is_number(value):  # rows read back from disk may hold anything: show it as text
+        return html.escape(str(value))
     if kind == "pct":
         return f"{value:.1%}"
     if kind == "g":
@@ -171,7 +212,8 @@ def _headline_html(rows: Sequence[dict[str, Any]]) -> str:
         ratio = row.get("perplexity_ratio")
         items.append(
             f"<li>within {entry['budget']:.0%} of dense FFN FLOPs: <b>{html.escape(row['method'])}"
-            f"</b> at level {row['level']:g} (FFN FLOPs {row['ffn_flops_fraction']:.1%}, "
+            f"</b> at level {_level_text(row.get('level'))} "
+            f"(FFN FLOPs {row['ffn_flops_fraction']:.1%}, "
             f"perplexity {row['perplexity']:.2f}"
             + (f", {ratio:.3f}x dense" if ratio is not None else "")
             + ")</li>"
@@ -218,7 +260,7 @@ def render_report(
                 plots.append(_img(png, f"{title_text} against FFN FLOPs"))
     profile = getattr(config, "profile", None)
     profile_html = "".join(_img(png, name) for name, png in _profile_images(profile))
-    curves_json = json.dumps({m: curves(rows, m) for m, _, _ in QUALITY_PLOTS})
+    curves_json = _script_json({m: curves(rows, m) for m, _, _ in QUALITY_PLOTS})
     settings = "" if config is None else html.escape(json.dumps(config.to_dict(), default=str))
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     model = html.escape(str(getattr(config, "model", "")))
@@ -246,13 +288,16 @@ def write_report(
     path: str | os.PathLike,
     *,
     config: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write :func:`render_report` to ``path`` atomically; return the path.
+
+    An existing file at ``path`` is replaced only with ``overwrite``; a folder never is.
 
     Example:
         >>> write_report(result.rows, "runs/sweep/report.html", config=sweep_config)
     """
     text = render_report(rows, config=config)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)

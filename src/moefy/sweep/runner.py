@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, check_config
 from moefy.eval.config import EvalConfig
 from moefy.sweep.cache import SweepCache, cache_key, folder_stamp
 from moefy.sweep.methods import ROUTED_METHODS, SweepContext, get_method
 
 DENSE = "dense"
+# layers a layer method must keep (skip keeps the first and last block); the others may drop all
+_LAYERS_KEPT = {"skip": 2}
 REPORT_FILE = "report.html"
 ROWS_FILE = "rows.json"
 
@@ -76,6 +78,90 @@ class SweepConfig:
             raise MoefyError(f"levels given for {unknown}, which are not among the methods")
         if self.calibration_tokens < 1:
             raise MoefyError(f"calibration_tokens must be >= 1, got {self.calibration_tokens}")
+        self._check_plan()
+        folders = {"moe": self.moe, "routed": self.routed, "profile": self.profile}
+        for option, folder in folders.items():
+            if folder is not None and not Path(folder).is_dir():
+                raise MoefyError(f"--{option} {folder} is not a folder ({option}= in Python)")
+        self._check_folder_kinds()
+        self._check_layer_levels()
+
+    def _check_folder_kinds(self) -> None:
+        """``moe`` and ``routed`` are moefied models and ``profile`` a profile, checked by
+        their files before any model loads (a dense folder would fail after the dense pass)."""
+        from moefy.moe.serialize import MOEFY_CONFIG_FILE
+        from moefy.profiling.result import ARRAYS_FILE, SUMMARY_FILE
+
+        made_by = {"moe": "moefy convert", "routed": "moefy train-routers"}
+        for option, maker in made_by.items():
+            folder = getattr(self, option)
+            if folder is not None and not (Path(folder) / MOEFY_CONFIG_FILE).is_file():
+                raise MoefyError(
+                    f"--{option} {folder} is not a moefied model (no {MOEFY_CONFIG_FILE}): give "
+                    f"a folder made by {maker} ({option}= in Python)"
+                )
+        if self.profile is not None:
+            files = (SUMMARY_FILE, ARRAYS_FILE)
+            missing = [name for name in files if not (Path(self.profile) / name).is_file()]
+            if missing:
+                raise MoefyError(
+                    f"--profile {self.profile} is not a moefy profile (no {' or '.join(missing)}): "
+                    "give a folder made by moefy profile (profile= in Python)"
+                )
+
+    def _check_layer_levels(self) -> None:
+        """Layer levels against the model's layer count, read from its config.json alone (a
+        level too large would otherwise fail only after the dense evaluation)."""
+        layer_pairs = [
+            (method, level)
+            for method, level in self.plan()
+            if method != DENSE and get_method(method).family == "layers"
+        ]
+        if not layer_pairs:
+            return
+        from moefy.models.load import read_model_config
+
+        hf_config = read_model_config(self.model)
+        num_layers = getattr(hf_config, "num_hidden_layers", None)
+        if not isinstance(num_layers, int):
+            return  # not known before loading: the layer method checks it then
+        for method, level in layer_pairs:
+            kept = _LAYERS_KEPT.get(method, 0)
+            if level is not None and level > num_layers - kept:
+                given = f"--level {method}={level:g}"
+                if method not in self.method_levels:
+                    given = f"{method}'s default level {level:g} (give --level {method}=LEVELS)"
+                keeps = f" and {method} keeps {kept} of them" if kept else ""
+                raise MoefyError(f"{given}: the model has {num_layers} layers{keeps}")
+
+    def _check_plan(self) -> None:
+        """Every level in range for its method and every method listed once, before any model
+        is loaded (a bad level would otherwise fail only after the dense evaluation)."""
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:
+            raise MoefyError(f"methods listed more than once: {', '.join(repeated)}")
+        for levels in (self.levels, *self.method_levels.values()):
+            if not isinstance(levels, (tuple, list)) or not all(map(_is_number, levels)):
+                raise MoefyError(f"levels must be a sequence of numbers, got {levels!r}")
+        if self.method_levels.get(DENSE):
+            raise MoefyError("dense takes no levels: drop dense from --level")
+        if self.levels and not any(get_method(m).uses_shared_levels for m in self.methods):
+            raise MoefyError(
+                "--levels apply to none of the methods (they are kept shares of the FFN): give "
+                "each method's levels with --level METHOD=LEVELS"
+            )
+        for name, levels in self.method_levels.items():
+            if name != DENSE and not levels:
+                raise MoefyError(f"no levels given for {name}: --level {name}=LEVEL,LEVEL")
+        pairs = self.plan()
+        repeated_pairs = [p for i, p in enumerate(pairs) if p in pairs[:i]]
+        if repeated_pairs:
+            method, level = repeated_pairs[0]
+            raise MoefyError(f"{method} level {level:g} is listed more than once")
+        for method, level in pairs:
+            check = get_method(method).check_level
+            if method != DENSE and check is not None:
+                check(level)
 
     def plan(self) -> list[tuple[str, float | None]]:
         """The (method, level) pairs to evaluate, dense first."""
@@ -154,14 +240,20 @@ def sweep(
     *,
     progress: bool = False,
     report: bool = True,
+    overwrite: bool = False,
 ) -> SweepResult:
     """Evaluate every method at every level of ``config``; write rows and ``report.html``.
+
+    An existing sweep folder is resumed (its cache answers what it holds); ``overwrite`` starts
+    it afresh (the old folder comes back if the run fails). A folder moefy did not write is
+    refused before anything runs.
 
     Args:
         config: the sweep.
         out: the sweep folder (cache, ``rows.json``, ``report.html``).
         progress: show progress bars and a line per evaluation.
         report: write the HTML report.
+        overwrite: discard what an earlier sweep left in ``out``.
 
     Returns:
         A :class:`SweepResult`.
@@ -172,6 +264,20 @@ def sweep(
         >>> result.report
         PosixPath('runs/sweep/report.html')
     """
+    import contextlib
+
+    from moefy import dist
+    from moefy.io import FOLDER, check_output, working_folder
+
+    check_config(config, SweepConfig)
+    out = check_output(out, FOLDER, overwrite=overwrite, resume=True)
+    main = dist.is_main_process()
+    folder = working_folder(out, overwrite=overwrite) if main else contextlib.nullcontext(out)
+    with folder:
+        return _sweep(config, out, progress=progress, report=report)
+
+
+def _sweep(config: SweepConfig, out: Path, *, progress: bool, report: bool) -> SweepResult:
     from moefy import dist
     from moefy.data.text import load_text
     from moefy.eval.agreement import dense_reference
@@ -194,13 +300,12 @@ def sweep(
     main = dist.is_main_process()
     if todo:
         device, dtype = config.resolved()
+        text = load_text(config.eval.data)  # a bad --data fails before the model loads
         dense, tokenizer = load_model(config.model, dtype=dtype, device=device)
         blocks = evaluation_blocks(tokenizer, config.eval)
         needs_calibration = any(get_method(m).family in ("threshold", "layers") for m, _ in todo)
         calibration = (
-            load_text(config.eval.data).blocks(
-                tokenizer, "calibration", config.eval.block_len, config.calibration_tokens
-            )
+            text.blocks(tokenizer, "calibration", config.eval.block_len, config.calibration_tokens)
             if needs_calibration
             else None
         )
@@ -237,9 +342,11 @@ def sweep(
             start = time.perf_counter()
             model = get_method(method).prepare(context, level)
             prepared = time.perf_counter() - start
-            result = evaluate(
-                model, config.eval, tokenizer, reference=reference, blocks=blocks, progress=False
-            )
+            try:
+                result = evaluate(model, config.eval, tokenizer, reference=reference, blocks=blocks)
+            except MoefyError as err:  # a nan perplexity: say which method and level gave it
+                at = "" if level is None else f" at level {level:g}"
+                raise MoefyError(f"{method}{at}: {err}") from None
             if reference is None:  # no agreement task: the FLOPs fraction still needs dense cost
                 result = dataclasses.replace(result, dense_cost=reference_cost)
             extra = {}
@@ -263,7 +370,7 @@ def sweep(
         if report:
             from moefy.sweep.report import write_report
 
-            report_path = write_report(rows, out / REPORT_FILE, config=config)
+            report_path = write_report(rows, out / REPORT_FILE, config=config, overwrite=True)
     return SweepResult(rows=rows, folder=out, report=report_path, computed=computed)
 
 
@@ -327,6 +434,82 @@ def _rows_with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# Text fields of a sweep row; every other value is a number or None.
+_ROW_TEXT_FIELDS = ("method", "family", "level_meaning")
+
+
+def read_rows(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows a sweep wrote to ``folder/rows.json``, checked before anything uses them.
+
+    Args:
+        folder: a sweep folder (made by :func:`sweep`).
+
+    Returns:
+        The rows, one dict per (method, level).
+
+    Raises:
+        MoefyError: no rows file, or one that is not a sweep's table (bad JSON, wrong types,
+            missing fields); the message names the file and the first problem.
+
+    Example:
+        >>> rows = read_rows("runs/sweep")
+        >>> rows[0]["method"]
+        'dense'
+    """
+    import json
+
+    folder = Path(folder)
+    rows_file = folder / ROWS_FILE
+    if not rows_file.is_file():
+        raise MoefyError(f"{rows_file} not found: run moefy sweep --out {folder} first")
+    try:
+        rows = json.loads(rows_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        problem = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise MoefyError(_not_a_table(rows_file, problem)) from None
+    problem = _rows_problem(rows)
+    if problem is not None:
+        raise MoefyError(_not_a_table(rows_file, problem))
+    return rows
+
+
+def _not_a_table(rows_file: Path, problem: str) -> str:
+    return f"{rows_file} is not a moefy sweep table ({problem}): run moefy sweep again"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rows_problem(rows: Any) -> str | None:
+    """What makes ``rows`` unlike the rows :func:`sweep` writes, or None."""
+    if not isinstance(rows, list):
+        return f"a list of rows expected, found {_json_type(rows)}"
+    if not rows:
+        return "no rows"
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return f"row {index} is {_json_type(row)}, not an object"
+        for key in ("method", "level"):
+            if key not in row:
+                return f"row {index} has no {key!r}"
+        for key, value in row.items():
+            if key in _ROW_TEXT_FIELDS:
+                if not isinstance(value, str):
+                    return f"row {index}: {key!r} is {_json_type(value)}, not a string"
+            elif value is not None and not _is_number(value):
+                return f"row {index}: {key!r} is {_json_type(value)}, not a number"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    """How JSON would call ``value``'s type: a string, a list, null, ..."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), "a number")
+
+
 def _print_progress(row: dict[str, Any]) -> None:
     from moefy.cli.show import console
 
@@ -346,4 +529,6 @@ def _check_calibration_text(todo: list[tuple[str, float | None]], calibration: A
 
     for method in sorted({m for m, _ in todo if get_method(m).family == "threshold"}):
         config = config_from_dict({"method": method, "sparsity": 0.5})
-        check_calibration_text(config, calibration, option="--calibration-tokens")
+        check_calibration_text(
+            config, calibration, option="--calibration-tokens; calibration_tokens= in Python"
+        )
