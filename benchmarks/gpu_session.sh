@@ -89,13 +89,13 @@ for stage in "${stages[@]}"; do
     check) run_stage check "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rfEs ;;
     kernels)
       run_stage kernels "${MOEFY[@]}" bench --device cuda --only ffn --quick \
-        --out "$OUT/kernels.json" ;;
+        --out "$OUT/kernels.json" --overwrite ;;
     decode-small)
       run_stage decode-small "${MOEFY[@]}" bench --device cuda --only decode --quick \
-        --shape smollm2-135m --out "$OUT/decode-small.json" ;;
+        --shape smollm2-135m --out "$OUT/decode-small.json" --overwrite ;;
     decode-8b)
       run_stage decode-8b "${MOEFY[@]}" bench --device cuda --only decode --quick \
-        --shape llama3-8b --out "$OUT/decode-8b.json" ;;
+        --shape llama3-8b --out "$OUT/decode-8b.json" --overwrite ;;
     goals) run_stage goals "$PYTHON" -m moefy.bench.gpu_goals "$OUT" ;;
   esac
 done

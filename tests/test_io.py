@@ -166,6 +166,14 @@ def test_previous_release_folders_are_recognised(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "summary.json").write_text("{}")  # a user's file of the same name
     assert not is_moefy_folder(tmp_path / "half")
+    project = tmp_path / "project"  # moefy's file names beside a user's own work
+    (project / "checkpoint").mkdir(parents=True)
+    (project / "train_log.csv").write_text("step\n")
+    (project / "src").mkdir()
+    (project / "src" / "precious.py").write_text("work")
+    assert not is_moefy_folder(project)
+    with pytest.raises(MoefyError, match="moefy did not write"):
+        check_output(project, FOLDER, overwrite=True)
 
 
 def _dead_pid() -> int:
@@ -267,17 +275,26 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
     assert not path.exists()  # claiming writes nothing
 
 
-def test_working_folder_restores_the_old_one_when_a_fresh_run_fails(scratch):
+def test_working_folder_restores_the_old_one_or_keeps_new_progress(scratch):
     ours = scratch / "ours"
     with pytest.raises(RuntimeError), working_folder(ours, overwrite=True) as folder:
         assert [p.name for p in folder.iterdir()] == [OUTPUT_MARKER]
         raise RuntimeError("boom")
     assert (ours / "data.txt").read_text() == "first"
+    with pytest.raises(KeyboardInterrupt), working_folder(ours, overwrite=True) as folder:
+        (folder / "cache.json").write_text("progress")  # the fresh run got somewhere
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in ours.iterdir()) == ["cache.json", OUTPUT_MARKER]
+    assert [p.name for p in scratch.iterdir() if p.name.startswith(".moefy")] == []
+    (ours / "data.txt").write_text("first")
     with working_folder(ours) as folder:  # resumed: kept
         assert (folder / "data.txt").exists()
     with pytest.raises(RuntimeError), working_folder(scratch / "a" / "b"):
         raise RuntimeError("boom")
     assert not (scratch / "a").exists()  # a new folder that holds nothing is removed
+    with pytest.raises(RuntimeError), working_folder(scratch / "empty"):
+        raise RuntimeError("boom")
+    assert (scratch / "empty").is_dir()  # the user's empty folder stays
 
 
 def test_write_json_never_replaces_a_folder(scratch):

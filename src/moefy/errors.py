@@ -26,3 +26,10 @@ def check_config(config: object, expected: type, name: str = "config") -> None:
         got = "None" if config is None else type(config).__name__
         article = "an" if expected.__name__[0] in "AEIOU" else "a"
         raise MoefyError(f"{name} must be {article} {expected.__name__}, got {got}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name if it has none), for
+    one-line errors built from a library's multi-line ones."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -26,6 +26,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -52,12 +54,25 @@ _LEGACY_MARKERS = (
     ("finetune_report.json",),
     ("importance.json",),  # moefy layers
 )
+# everything an older release wrote into its folders (model, tokenizer, profile, sweep, finetune,
+# layers, reports); a folder with any other entry is not taken for one of moefy's
+_LEGACY_NAMES = frozenset(
+    {name for group in _LEGACY_MARKERS for name in group}
+    | {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
+    | {"tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"}
+    | {"tokenizer.model", "added_tokens.json", "chat_template.jinja", "vocab.txt"}
+    | {"coactivation.safetensors", "plots", "report.html", "router_report.json"}
+    | {"sparsify_report.json", "drop_report.json", "train_log.csv"}
+)
+_LEGACY_SUFFIXES = (".png",)
 LOCK_DIR = Path(tempfile.gettempdir()) / "moefy-locks"
 """Where :class:`OutputLock` keeps its lock files (one per output being written)."""
 _SYSTEM_ROOTS = (Path("/proc"), Path("/dev"), Path("/sys"))
 _NAME_MAX = 255
 _TEMP_PREFIX = ".moefy-"
-_TEMP_RE = re.compile(r"^\.moefy-([0-9a-f]{8})-(\d+)-[a-z0-9_]+\.(tmp|old)$")
+# ``.moefy-<tag>-<host>-<pid>-<random>.tmp``: the host, so that a run on another machine sharing
+# the folder (a cluster's file system) never takes a live temporary there for a dead one
+_TEMP_RE = re.compile(r"^\.moefy-([0-9a-f]{8})-([0-9a-f]{4})-(\d+)-[a-z0-9_]+\.(tmp|old)$")
 # the previous release's temporaries: ``.NAME.XXXXXXXX.tmp`` (tempfile.mkdtemp's 8 characters)
 _LEGACY_TEMP_RE = r"^\.{name}\.[a-z0-9_]{{8}}\.tmp$"
 
@@ -69,7 +84,12 @@ def is_moefy_folder(path: str | os.PathLike) -> bool:
         return False
     if (path / OUTPUT_MARKER).is_file():
         return True
-    return any(all((path / name).exists() for name in group) for group in _LEGACY_MARKERS)
+    names = {entry.name for entry in path.iterdir()}
+    # an older release's folder: its files, and nothing a user might have put beside them
+    return any(names.issuperset(group) for group in _LEGACY_MARKERS) and all(
+        name in _LEGACY_NAMES or name.startswith(_TEMP_PREFIX) or name.endswith(_LEGACY_SUFFIXES)
+        for name in names
+    )
 
 
 def write_output_marker(folder: str | os.PathLike) -> None:
@@ -118,7 +138,9 @@ def _check_output(raw: str, kind: OutputKind, overwrite: bool, resume: bool, opt
     if last in ("", ".", "..") or path == Path(path.anchor or "."):
         raise MoefyError(f"{option} {raw!r} names no {kind} of its own: give a new name")
     if len(os.fsencode(path.name)) > _NAME_MAX:
-        raise MoefyError(f"{option}: the name {path.name[:40]}... is over {_NAME_MAX} bytes")
+        raise MoefyError(
+            f"{option}: the name {path.name[:40]}... is over {_NAME_MAX} bytes: give a shorter one"
+        )
     resolved = Path(os.path.realpath(path))
     for root in _SYSTEM_ROOTS:
         if resolved == root or root in resolved.parents:
@@ -126,7 +148,7 @@ def _check_output(raw: str, kind: OutputKind, overwrite: bool, resume: bool, opt
     for parent in (path.parent, *path.parent.parents):
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                raise MoefyError(f"{option} {raw}: {parent} is not a folder")
+                raise MoefyError(f"{option} {raw}: {parent} is not a folder; choose another path")
             resumed_in_place = resume and not overwrite and path.is_dir()
             if not resumed_in_place and not os.access(parent, os.W_OK | os.X_OK):
                 raise MoefyError(f"{option} {raw}: {parent} is not writable; choose another path")
@@ -137,13 +159,17 @@ def _check_output(raw: str, kind: OutputKind, overwrite: bool, resume: bool, opt
         return path
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise MoefyError(f"{option} {raw} is a device or special file: moefy never replaces one")
+        raise MoefyError(
+            f"{option} {raw} is a device or special file: moefy never replaces one; choose "
+            "another path"
+        )
     if kind == FILE:
         if stat.S_ISDIR(mode):
             raise MoefyError(f"{option} {raw} is a folder, not a file: give a file name")
         if not overwrite:
             raise MoefyError(
-                f"{option} {raw} exists: pass --overwrite to replace it, or choose another path"
+                f"{option} {raw} exists: pass --overwrite (overwrite=True in Python) to replace "
+                "it, or choose another path"
             )
         return path
     if stat.S_ISREG(mode):
@@ -157,8 +183,8 @@ def _check_output(raw: str, kind: OutputKind, overwrite: bool, resume: bool, opt
         )
     if not (overwrite or resume):
         raise MoefyError(
-            f"{option} {raw} holds an earlier moefy output: pass --overwrite to replace it, "
-            "or choose another path"
+            f"{option} {raw} holds an earlier moefy output: pass --overwrite (overwrite=True in "
+            "Python) to replace it, or choose another path"
         )
     if resume and not os.access(path, os.W_OK | os.X_OK):
         raise MoefyError(f"{option} {raw} is not writable, so it cannot be resumed")
@@ -167,6 +193,10 @@ def _check_output(raw: str, kind: OutputKind, overwrite: bool, resume: bool, opt
 
 def _tag(path: Path) -> str:
     return hashlib.sha1(os.fsencode(path.name)).hexdigest()[:8]
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -199,7 +229,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     for entry in path.parent.iterdir():
         match = _TEMP_RE.match(entry.name)
         stale = (
-            match is not None and match.group(1) == tag and not _pid_alive(int(match.group(2)))
+            match is not None
+            and match.group(1) == tag
+            and match.group(2) == _host_tag()
+            and not _pid_alive(int(match.group(3)))
         ) or legacy.match(entry.name) is not None
         if stale:
             _remove(entry)
@@ -209,7 +242,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
 def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
     """A new, empty temporary folder beside ``path`` with a short name."""
-    prefix = f"{_TEMP_PREFIX}{_tag(path)}-{os.getpid()}-"
+    prefix = f"{_TEMP_PREFIX}{_tag(path)}-{_host_tag()}-{os.getpid()}-"
     return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
 
 
@@ -292,15 +325,28 @@ def _commit(target: Path, path: Path, kind: OutputKind, overwrite: bool) -> None
     check_output(path, kind, overwrite=overwrite, option="output")
     if kind == FOLDER and path.is_dir() and any(path.iterdir()):
         old = temporary_sibling(path, suffix=".old")
-        os.replace(path, old)
-        try:
-            os.replace(target, path)
-        except OSError:
-            os.replace(old, path)
-            raise
+        with _signals_held():  # no Ctrl-C or SIGTERM between the two renames
+            os.replace(path, old)
+            try:
+                os.replace(target, path)
+            except OSError:
+                os.replace(old, path)
+                raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(target, path)  # a file, an empty folder or nothing is replaced whole
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (they arrive afterwards) while a pair of renames runs, so an
+    interruption never falls between them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> None:
@@ -421,31 +467,45 @@ def claim_output(
 @contextlib.contextmanager
 def working_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """A folder a run fills as it goes (sweep, finetune): continued when it exists, started
-    afresh with ``overwrite`` (the old folder comes back if the run fails).
+    afresh with ``overwrite``.
 
     The folder gets :data:`OUTPUT_MARKER` at once, so a run killed half-way leaves a folder moefy
-    recognises and resumes. A new folder that still holds only the marker when the run fails is
-    removed. Check ``path`` first (:func:`check_output` with ``resume=True``).
+    recognises and resumes. When a run with ``overwrite`` fails before writing anything, the old
+    folder comes back; once it has written something (a checkpoint, a cached evaluation), its own
+    progress is kept, to be resumed. A folder this run created that holds only the marker when
+    it fails is removed. Check ``path`` first (:func:`check_output` with ``resume=True``).
     """
     path = Path(path)
-    new = [p for p in (path, *path.parents) if not p.exists()]  # what this run creates
+    created = [p for p in (path, *path.parents) if not p.exists()]  # nearest first
     old = None
-    if overwrite and path.is_dir() and any(path.iterdir()):
-        old = temporary_sibling(path, suffix=".old")
-        os.replace(path, old)
-    path.mkdir(parents=True, exist_ok=True)
-    write_output_marker(path)
     try:
+        if overwrite and path.is_dir() and any(path.iterdir()):
+            old = temporary_sibling(path, suffix=".old")
+            with _signals_held():
+                os.replace(path, old)
+        path.mkdir(parents=True, exist_ok=True)
+        write_output_marker(path)
         yield path
     except BaseException:
-        if old is not None:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(old, path)
-        elif [p.name for p in path.iterdir()] == [OUTPUT_MARKER]:
-            shutil.rmtree(path, ignore_errors=True)
-            for parent in new[1:]:  # nearest first; only folders left empty
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+        with _signals_held():
+            _unwind_working_folder(path, old, created)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _unwind_working_folder(path: Path, old: Path | None, created: list[Path]) -> None:
+    """After a failed run: keep its progress, or put back what was there before it."""
+    entries = [p.name for p in path.iterdir()] if path.is_dir() else []
+    if any(name != OUTPUT_MARKER for name in entries):
+        if old is not None:  # the fresh run's progress replaces the old folder, as asked
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    if entries:
+        (path / OUTPUT_MARKER).unlink()
+    if old is not None:
+        os.replace(old, path)  # onto the empty folder (or none)
+        return
+    for folder in created:  # only what this run made, and only while empty
+        with contextlib.suppress(OSError):
+            folder.rmdir()

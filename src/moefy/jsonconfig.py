@@ -73,3 +73,8 @@ def loads_json(text: str | bytes) -> Any:
     except RecursionError:
         document = text if isinstance(text, str) else ""
         raise json.JSONDecodeError("nested too deeply to read", document, 0) from None
+
+
+def is_number(value: object) -> bool:
+    """Whether a JSON or argument value is a number (``True`` and ``False`` are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moefy.errors import MoefyError
-from moefy.io import FILE, check_output, write_json
+from moefy.io import FILE, OutputLock, check_output, write_json
 from moefy.jsonconfig import loads_json
 
 ROW_KEY = ("family", "method", "level")
@@ -39,15 +39,23 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def check_results_file(path: str | os.PathLike, option: str = "--results") -> None:
+    """Refuse, before any work, a results path that cannot take rows: a folder, a device, a
+    file that is not a moefy results list (the rows would be lost at the end)."""
+    check_output(path, FILE, overwrite=True, option=option)
+    read_rows(path)
+
+
 def add_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Merge ``rows`` into the results file at ``path`` atomically; return all rows."""
     check_output(path, FILE, overwrite=True, option="results file")  # never a folder or device
-    merged = {_key(row): dict(row) for row in read_rows(path)}
-    for row in rows:
-        missing = [k for k in ROW_KEY if k not in row]
-        if missing:
-            raise MoefyError(f"results row {dict(row)} lacks {missing}")
-        merged[_key(row)] = dict(row)
-    all_rows = list(merged.values())
-    write_json(path, all_rows)
+    with OutputLock(path, option="results file"):  # two runs adding rows: neither is lost
+        merged = {_key(row): dict(row) for row in read_rows(path)}
+        for row in rows:
+            missing = [k for k in ROW_KEY if k not in row]
+            if missing:
+                raise MoefyError(f"results row {dict(row)} lacks {missing}")
+            merged[_key(row)] = dict(row)
+        all_rows = list(merged.values())
+        write_json(path, all_rows)
     return all_rows

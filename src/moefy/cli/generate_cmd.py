@@ -35,11 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from moefy.kernels.backend import use_backend
+
+    threads = torch.get_num_threads()
+    try:  # the backend and thread count are the process's: a caller's own come back after
+        with use_backend(args.backend):
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from moefy.bench import decode_speeds, dense_copy
     from moefy.bench.decode import generate_exactly
     from moefy.cli.show import console, esc, print_table, status
     from moefy.errors import MoefyError
-    from moefy.kernels import set_backend
     from moefy.models.load import is_causal_lm, load_model
     from moefy.moe import OracleSelector, moe_layers
     from moefy.sparsify.wrappers import sparse_modules
@@ -47,9 +61,6 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 2:
         raise MoefyError("--max-new-tokens must be at least 2 to time decoding")
     device, dtype = device_and_dtype(args)
-    set_backend(args.backend)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if tokenizer is None or not is_causal_lm(model):

@@ -73,10 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with (  # checked before any work, locked while it runs
-        claimed_output(args, "folder"),
-        claimed_output(args, "file", option="--results", overwrite=True),
-    ):
+    import os
+
+    from moefy.errors import MoefyError
+    from moefy.results import check_results_file
+
+    if os.path.realpath(args.out) == os.path.realpath(args.results):
+        raise MoefyError(f"--out and --results both name {args.out}: give them different paths")
+    check_results_file(args.results)  # rows are added at the end, under a lock of their own
+    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
         return _run(args)
 
 

@@ -15,7 +15,6 @@ _PIPE_WIDTH = 160
 PROGRESS_ENV = "MOEFY_PROGRESS"
 
 
-@functools.cache
 def esc(value: object) -> str:
     """``value`` as text that rich prints as it is: a path or name holding ``[...]`` is not
     read as markup (which would restyle the line or raise on a stray closing tag)."""
@@ -24,6 +23,7 @@ def esc(value: object) -> str:
     return escape(str(value))
 
 
+@functools.cache
 def console():
     """The shared rich console (stdout)."""
     import sys

@@ -8,7 +8,6 @@ from moefy.cli.args import (
     RESULTS_HELP,
     add_device_and_dtype,
     add_model_and_data,
-    claimed_output,
     device_and_dtype,
     float_list,
     positive_int,
@@ -39,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # checked before any work, locked while it runs
-    with claimed_output(args, "file", option="--results", overwrite=True):
-        return _run(args)
+    from moefy.results import check_results_file
+
+    check_results_file(args.results)  # rows are added at the end, under a lock of their own
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

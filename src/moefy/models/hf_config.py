@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, first_line
 from moefy.jsonconfig import loads_json
 
 HF_CONFIG_FILE = "config.json"
@@ -44,7 +44,7 @@ def config_error(folder: Path, err: BaseException) -> MoefyError:
         )
     model_type = _model_type(path)
     if model_type is None:
-        return MoefyError(f"{path} is not a valid model config: {_first_line(err)}")
+        return MoefyError(f"{path} is not a valid model config: {first_line(err)}")
     if not model_type:
         return MoefyError(f"{path} names no model_type: give a folder written by save_pretrained")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -53,7 +53,7 @@ def config_error(folder: Path, err: BaseException) -> MoefyError:
             f"{transformers.__version__} does not know it; upgrade transformers or give a model "
             "of a supported architecture (see 'Supported architectures' in the README)"
         )
-    return MoefyError(f"cannot read the model config in {path}: {_first_line(err)}")
+    return MoefyError(f"cannot read the model config in {path}: {first_line(err)}")
 
 
 def _model_type(path: Path) -> str | None:
@@ -65,9 +65,3 @@ def _model_type(path: Path) -> str | None:
     if not isinstance(data, dict):
         return None
     return str(data.get("model_type", ""))
-
-
-def _first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, first_line
 
 # dtype names a saved marker may record: the floating dtypes a model can run in
 FLOAT_DTYPES = {
@@ -79,7 +79,7 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ..
             }
     except (SafetensorError, OSError, ValueError) as err:
         raise MoefyError(
-            f"{path} is corrupt or truncated ({_first_line(err)}): save or download it again"
+            f"{path} is corrupt or truncated ({first_line(err)}): save or download it again"
         ) from None
 
 
@@ -158,9 +158,4 @@ def state_dict_error(err: BaseException) -> str:
     if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
         return f"{lines[1][:300]}{more}"
-    return _first_line(err)[:300]
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    return first_line(err)[:300]

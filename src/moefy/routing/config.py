@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moefy.errors import MoefyError
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import is_number, loads_json
 
 CONFIG_VERSION = 1
 
@@ -87,15 +87,15 @@ class RouterConfig:
                 raise MoefyError(f"RouterConfig.{name} must be an integer >= 1, got {value!r}")
         if not _is_int(self.seed):
             raise MoefyError(f"RouterConfig.seed must be an integer, got {self.seed!r}")
-        if not _is_number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise MoefyError(f"RouterConfig.lr must be > 0, got {self.lr!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise MoefyError(f"RouterConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not _is_number(self.holdout_fraction) or not 0.0 < self.holdout_fraction < 1.0:
+        if not is_number(self.holdout_fraction) or not 0.0 < self.holdout_fraction < 1.0:
             raise MoefyError(
                 f"RouterConfig.holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}"
             )
-        if not _is_number(self.report_fraction) or not 0.0 < self.report_fraction <= 1.0:
+        if not is_number(self.report_fraction) or not 0.0 < self.report_fraction <= 1.0:
             raise MoefyError(
                 f"RouterConfig.report_fraction must be in (0, 1], got {self.report_fraction!r}"
             )
@@ -141,7 +141,3 @@ class RouterConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

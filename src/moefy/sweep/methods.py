@@ -19,6 +19,7 @@ from torch import nn
 
 from moefy.data.blocks import TokenBlocks
 from moefy.errors import MoefyError
+from moefy.jsonconfig import is_number
 
 KEPT_SHARE = "kept share of the FFN"
 # methods that read trained routers from SweepConfig.routed
@@ -125,12 +126,8 @@ def register_method(method: SweepMethod, *, overwrite: bool = False) -> None:
     METHODS[method.name] = method
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_share(level: float | None, method: str) -> float:
-    if not _is_number(level) or not 0.0 < level <= 1.0:
+    if not is_number(level) or not 0.0 < level <= 1.0:
         raise MoefyError(f"{method}: a level is the kept share of the FFN, in (0, 1], got {level}")
     return float(level)
 
@@ -143,13 +140,13 @@ def _share_check(method: str) -> Callable[[float | None], None]:
 
 
 def _check_tau(level: float | None) -> None:
-    if not _is_number(level) or not 0.0 < level <= 1.0:
+    if not is_number(level) or not 0.0 < level <= 1.0:
         raise MoefyError(f"moe-dynk: a level is tau in (0, 1], got {level}")
 
 
 def _layer_check(kind: str) -> Callable[[float | None], None]:
     def check(level: float | None) -> None:
-        whole = _is_number(level) and math.isfinite(level) and int(level) == level
+        whole = is_number(level) and math.isfinite(level) and int(level) == level
         if not whole or level < 0:
             raise MoefyError(f"{kind}: a level is a whole number of layers, got {level}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moefy.io import atomic_path
+from moefy.jsonconfig import is_number
 
 HEADLINE_BUDGETS = (0.5, 0.25)
 # A method "fits" a budget when its measured FFN FLOPs are within this factor of it: routers
@@ -112,15 +113,11 @@ def _plot_png(rows: Sequence[dict[str, Any]], metric: str, label: str, log_y: bo
     return buffer.getvalue()
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _level_text(level: Any) -> str:
     """A row's level for HTML text: ``0.5``, empty for None, escaped text otherwise."""
     if level is None:
         return ""
-    return f"{level:g}" if _is_number(level) else html.escape(str(level))
+    return f"{level:g}" if is_number(level) else html.escape(str(level))
 
 
 def _script_json(data: Any) -> str:
@@ -159,7 +156,7 @@ def _img(png: bytes, alt: str) -> str:
 def _fmt(value: Any, kind: str = "") -> str:
     if value is None:
         return ""
-    if not _is_number(value):  # rows read back from disk may hold anything: show it as text
+    if not is_number(value):  # rows read back from disk may hold anything: show it as text
         return html.escape(str(value))
     if kind == "pct":
         return f"{value:.1%}"

@@ -15,6 +15,7 @@ from typing import Any
 
 from moefy.errors import MoefyError, check_config
 from moefy.eval.config import EvalConfig
+from moefy.jsonconfig import is_number
 from moefy.sweep.cache import SweepCache, cache_key, folder_stamp
 from moefy.sweep.methods import ROUTED_METHODS, SweepContext, get_method
 
@@ -141,7 +142,7 @@ class SweepConfig:
         if repeated:
             raise MoefyError(f"methods listed more than once: {', '.join(repeated)}")
         for levels in (self.levels, *self.method_levels.values()):
-            if not isinstance(levels, (tuple, list)) or not all(map(_is_number, levels)):
+            if not isinstance(levels, (tuple, list)) or not all(map(is_number, levels)):
                 raise MoefyError(f"levels must be a sequence of numbers, got {levels!r}")
         if self.method_levels.get(DENSE):
             raise MoefyError("dense takes no levels: drop dense from --level")
@@ -274,6 +275,7 @@ def sweep(
     main = dist.is_main_process()
     folder = working_folder(out, overwrite=overwrite) if main else contextlib.nullcontext(out)
     with folder:
+        dist.barrier()  # the other ranks read the cache only once rank 0 has set the folder up
         return _sweep(config, out, progress=progress, report=report)
 
 
@@ -477,10 +479,6 @@ def _not_a_table(rows_file: Path, problem: str) -> str:
     return f"{rows_file} is not a moefy sweep table ({problem}): run moefy sweep again"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _rows_problem(rows: Any) -> str | None:
     """What makes ``rows`` unlike the rows :func:`sweep` writes, or None."""
     if not isinstance(rows, list):
@@ -497,7 +495,7 @@ def _rows_problem(rows: Any) -> str | None:
             if key in _ROW_TEXT_FIELDS:
                 if not isinstance(value, str):
                     return f"row {index}: {key!r} is {_json_type(value)}, not a string"
-            elif value is not None and not _is_number(value):
+            elif value is not None and not is_number(value):
                 return f"row {index}: {key!r} is {_json_type(value)}, not a number"
     return None
 
