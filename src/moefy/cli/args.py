@@ -201,7 +201,6 @@ def claimed_output(
     On a distributed run every process checks; the process of rank 0 (the writer) locks.
     """
     import contextlib
-    import os
 
     from moefy.io import claim_output
 
@@ -214,5 +213,13 @@ def claimed_output(
         overwrite=args.overwrite if overwrite is None else overwrite,
         resume=resume,
         option=option,
-        writer=os.environ.get("RANK", "0") == "0",
+        writer=is_writer(),
     )
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs: rank 0 of a torchrun launch (read from ``RANK``,
+    since commands claim their outputs before the process group exists), or a lone process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

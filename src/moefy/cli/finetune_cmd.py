@@ -9,6 +9,7 @@ from moefy.cli.args import (
     add_model_and_data,
     add_output,
     claimed_output,
+    is_writer,
     non_negative_float,
     non_negative_int,
     open_unit_float,
@@ -170,14 +171,15 @@ def _set_moe_routing(model, args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     import contextlib
-    import os
 
     from moefy.io import working_folder
 
     # checked before any work and locked while it runs; --overwrite starts the folder afresh
     with claimed_output(args, "folder", resume=True) as out:
-        main = os.environ.get("RANK", "0") == "0"
-        folder = working_folder(out, overwrite=args.overwrite) if main else contextlib.nullcontext()
+        writer = is_writer()
+        folder = (
+            working_folder(out, overwrite=args.overwrite) if writer else contextlib.nullcontext()
+        )
         with folder:
             return _run(args)
 

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moefy.cli.show import console, esc
     from moefy.errors import MoefyError
-    from moefy.io import FILE, OutputLock, check_output
+    from moefy.io import FILE, claim_output
     from moefy.sweep.report import write_report
     from moefy.sweep.runner import REPORT_FILE, read_rows
 
@@ -32,12 +32,13 @@ def run(args: argparse.Namespace) -> int:
     out, overwrite = (
         (args.out, args.overwrite) if args.out is not None else (folder / REPORT_FILE, True)
     )
-    check_output(out, FILE, overwrite=overwrite)
-    rows = read_rows(folder)  # a one-line error for a missing or malformed rows.json
-    if args.profile is not None and not Path(args.profile).is_dir():
-        raise MoefyError(f"--profile {args.profile} is not a folder: give a moefy profile --out")
-    config = SimpleNamespace(profile=args.profile, model=folder.name, to_dict=lambda: {})
-    with OutputLock(out):
+    with claim_output(out, FILE, overwrite=overwrite):  # checked first, locked while it runs
+        rows = read_rows(folder)  # a one-line error for a missing or malformed rows.json
+        if args.profile is not None and not Path(args.profile).is_dir():
+            raise MoefyError(
+                f"--profile {args.profile} is not a folder: give a moefy profile --out"
+            )
+        config = SimpleNamespace(profile=args.profile, model=folder.name, to_dict=lambda: {})
         path = write_report(rows, out, config=config, overwrite=overwrite)
     console().print(f"report: [bold]{esc(path)}[/bold]")
     return 0
