@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks and figures of issue #11 as one prepared run for a lent GPU machine (the device
+# The GPU checks and figures (the bench's GPU goals) as one prepared run for a lent GPU machine (the device
 # tool's `run`), using that machine's own python3, torch, triton and transformers: nothing is
 # installed there (its image has everything moefy's GPU paths import; MOEFY_CACHE below spares
 # platformdirs, which it lacks).

@@ -15,7 +15,7 @@ OUT=${OUT:-runs/moe-aware}
 TRAIN_TOKENS=${TRAIN_TOKENS:-65536}
 EFFICIENCY=${EFFICIENCY:-2}
 ROUTER_LR=${ROUTER_LR:-3e-3}
-"$MOEFY" finetune --model "$ROUTED" --data bbc-news --fraction 0.25 --distill 1 \
+"$MOEFY" finetune --model "$ROUTED" --data bbc-news --keep 0.25 --distill 1 \
   --efficiency "$EFFICIENCY" --router-lr "$ROUTER_LR" --reg none --lr 3e-4 \
   --train-tokens "$TRAIN_TOKENS" \
   --tokens 262144 --eval-tokens 4096 --checkpoint-every 16 --out "$OUT/trained"

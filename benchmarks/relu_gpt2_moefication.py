@@ -4,7 +4,7 @@ Trains a 4-layer, d=256 GPT-2 with ReLU FFNs (d_ff=1024) for about 150 s on the 
 of the shipped Shakespeare text (tokenizer: a 4096-token byte-level BPE trained on the same text
 in-process), profiles its co-activations (``active_rule="nonzero"``), then for each split method
 (random, params, coactivation) runs the MoE at 50 / 25 / 12.5 % of experts with oracle selection
-and reports evaluation-split perplexity and its ratio to dense. Goal (issue 3): the best method at
+and reports evaluation-split perplexity and its ratio to dense. Goal: the best method at
 25 % within 1.15x of dense.
 
 Run: .venv/bin/python benchmarks/relu_gpt2_moefication.py [--train-seconds 150] [--experts 64]
@@ -169,7 +169,7 @@ def main() -> None:
         moefy_(model, config, profile=sparsity)
         split_seconds = time.perf_counter() - start
         for fraction in FRACTIONS:
-            set_selection(model, fraction=fraction)
+            set_selection(model, keep=fraction)
             reset_tally(model)
             ppl = perplexity(model, evaluation).perplexity
             rows.append(

@@ -18,6 +18,6 @@ for name in base trained; do
   "$MOEFY" convert --model "$model" --experts 64 --method coactivation \
     --profile "$OUT/$name-profile" --out "$OUT/$name-moe" --overwrite
   "$MOEFY" train-routers --model "$OUT/$name-moe" --data bbc-news --router mlp --tokens 8192 \
-    --eval-tokens 4096 --fractions 0.5,0.25,0.125 --oracle --out "$OUT/$name-routed" --overwrite \
+    --eval-tokens 4096 --keep 0.5,0.25,0.125 --oracle --out "$OUT/$name-routed" --overwrite \
     --results "$OUT/$name-results.json"
 done

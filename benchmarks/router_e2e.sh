@@ -24,10 +24,10 @@ NAME=${NAME:-e2e}  # folder of the end-to-end routers (another NAME tries other 
 mkdir -p "$OUT"
 if [ ! -d "$OUT/listnet" ]; then  # the norm-fitted routers once; rerun reuses them
   "$MOEFY" train-routers --model "$ROUTED" --data bbc-news --router mlp --hidden "$HIDDEN" \
-    --tokens "$TOKENS" --rounds 2 --eval-tokens 4096 --fractions 0.5,0.25,0.125 --taus 0.9,0.8 \
+    --tokens "$TOKENS" --rounds 2 --eval-tokens 4096 --keep 0.5,0.25,0.125 --taus 0.9,0.8 \
     --oracle --out "$OUT/listnet" --results "$OUT/listnet-results.json"
 fi
-"$MOEFY" finetune --model "$OUT/listnet" --data bbc-news --fraction 0.25 --distill 1 \
+"$MOEFY" finetune --model "$OUT/listnet" --data bbc-news --keep 0.25 --distill 1 \
   --train routers --straight-through "$TEMPERATURE" --router-loss "$ROUTER_LOSS" --lr "$LR" \
   --reg none --train-tokens "$E2E_TOKENS" --tokens 262144 --eval-tokens 4096 \
   --checkpoint-every 16 --out "$OUT/$NAME"

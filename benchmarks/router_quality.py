@@ -10,7 +10,7 @@ a share of the expert FLOPs they save, the training time and the machine load.
 
 Run:
     .venv/bin/python benchmarks/router_quality.py --moe runs/moe --calib-tokens 8192 \\
-        --eval-tokens 8192 --fractions 0.5,0.25,0.125 --taus 0.9,0.8 --threads 2
+        --eval-tokens 8192 --keep 0.5,0.25,0.125 --taus 0.9,0.8 --threads 2
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--loss", default="listwise", help="router training loss")
     parser.add_argument("--rounds", type=int, default=1, help="router training rounds")
-    parser.add_argument("--fractions", default="0.5,0.25")
+    parser.add_argument("--keep", "--fractions", dest="keep", default="0.5,0.25")
     parser.add_argument("--taus", default="0.9,0.8")
     parser.add_argument("--no-centroid", action="store_true", help="skip the centroid router")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
@@ -50,7 +50,7 @@ def main() -> None:
     from moefy.routing.quality import FAMILY
 
     torch.set_num_threads(args.threads)
-    fractions = [float(f) for f in args.fractions.split(",") if f]
+    keep = [float(f) for f in args.keep.split(",") if f]
     taus = [float(t) for t in args.taus.split(",") if t]
     model, tokenizer = load_model(args.moe or args.model)
     text = load_text(args.data)
@@ -66,14 +66,12 @@ def main() -> None:
     dense = perplexity(model, evaluation).perplexity
     print(f"dense perplexity {dense:.3f}", flush=True)
 
-    rows = route_quality(model, evaluation, fractions=fractions, taus=taus, dense_perplexity=dense)
+    rows = route_quality(model, evaluation, keep=keep, taus=taus, dense_perplexity=dense)
     print(*rows, sep="\n", flush=True)
 
     if not args.no_centroid:
         attach_routers(model, "centroid")
-        rows += route_quality(
-            model, evaluation, fractions=fractions, taus=[], dense_perplexity=dense
-        )
+        rows += route_quality(model, evaluation, keep=keep, taus=[], dense_perplexity=dense)
         print(rows[-1], flush=True)
 
     load_before = os.getloadavg()[0]
@@ -99,7 +97,7 @@ def main() -> None:
         flush=True,
     )
     print_table("per-layer router report (every 5th layer)", report.rows()[::5])
-    rows += route_quality(model, evaluation, fractions=fractions, taus=taus, dense_perplexity=dense)
+    rows += route_quality(model, evaluation, keep=keep, taus=taus, dense_perplexity=dense)
 
     oracle = {(r["rule"], r["level"]): r["perplexity"] for r in rows if "oracle" in r["method"]}
     shown = []

@@ -1,6 +1,6 @@
 """How long the split methods take on a LLaMA-7B-sized FFN: d_ff=11008, D=4096 -> 128 experts.
 
-Goal (issue 3): the ``params`` split under 20 s on 2 cores. Weights are synthetic (no model of
+Goal: the ``params`` split under 20 s on 2 cores. Weights are synthetic (no model of
 that size ships offline): Gaussian rows (where k-means settles at once) and rows drawn around 128
 directions with heavy noise (where it has to work). The ``coactivation`` split runs on a
 synthetic 11008 x 11008 count matrix from grouped random activations (about 1 GB as int64).

@@ -25,6 +25,9 @@ _EXPORTS = {
     "find_ffns": "moefy.arch",
     # models and text
     "load_model": "moefy.models.load",
+    # saved models: one format for every change moefy makes
+    "save": "moefy.saving",
+    "load": "moefy.models.load",
     "load_text": "moefy.data.text",
     "TokenBlocks": "moefy.data.blocks",
     "TextSource": "moefy.data.text",
@@ -50,7 +53,6 @@ _EXPORTS = {
     "set_selection": "moefy.moe",
     "flops_report": "moefy.moe",
     "ffn_flops_per_token": "moefy.moe",
-    "save": "moefy.moe",
     "from_pretrained": "moefy.moe",
     "split_quality": "moefy.moe.quality",
     # routers

@@ -6,7 +6,6 @@ A row is a flat dict with at least ``family`` (``dense``, ``moe-oracle``, ...), 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from moefy.errors import MoefyError
 from moefy.io import FILE, OutputLock, check_output, write_json
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import read_json
 
 ROW_KEY = ("family", "method", "level")
 
@@ -30,10 +29,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         return []
     if not path.is_file():
         raise MoefyError(f"{path} is not a moefy results file (not a regular file)")
-    try:
-        rows = loads_json(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoefyError(f"{path} is not a moefy results file ({err}); move it away") from None
+    rows = read_json(path, f"{path} is not a moefy results file", "; move it away")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise MoefyError(f"{path} is not a moefy results file (expected a JSON list of rows)")
     return rows

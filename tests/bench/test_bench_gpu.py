@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moefy.bench import gpu
-from moefy.bench.report import print_results
+from moefy.bench.report import Table, cpu_report
+from moefy.cli.show import print_report
 from moefy.errors import MoefyError
 
 
@@ -115,8 +116,11 @@ def test_tables_and_json(capsys):
     assert [r["sparsity"] for r in table] == ["0%", "50%", "0%", "50%"]
     assert table[1]["dense us"] == "41.4" and table[1]["speedup"].endswith("x")
     assert json.loads(json.dumps(results))["ffn"] == results["ffn"]  # JSON-ready
-    gpu.print_gpu_results(results)
-    print_results(results)  # the CPU bench's printer takes the same layout
+    report = gpu.gpu_report(results)
+    assert report[0] == "kernels: triton on H100; copy bandwidth: cuda:0 2930 GB/s"
+    assert isinstance(report[1], Table) and report[1].rows == table
+    print_report(report)
+    print_report(cpu_report(results))  # the CPU bench's report takes the same layout
     printed = capsys.readouterr().out
     assert "H100" in printed and "2930 GB/s" in printed and "teal" in printed
 

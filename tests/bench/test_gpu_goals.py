@@ -1,4 +1,4 @@
-"""Issue #11's goal table over GPU bench results: met, short, not measured."""
+"""The GPU goal table over GPU bench results: met, short, not measured."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fixtures of the hostile-input suite (issue #22); the machinery is in ``hostile_support.py``."""
+"""Fixtures of the hostile-input suite; the machinery is in ``hostile_support.py``."""
 
 from __future__ import annotations
 

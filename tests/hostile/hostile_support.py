@@ -1,4 +1,4 @@
-"""The machinery of the hostile-input suite (issue #22); the fixtures are in ``conftest.py``.
+"""The machinery of the hostile-input suite; the fixtures are in ``conftest.py``.
 
 - ``Assets``: the tiny inputs every case needs (a tiny Hugging Face folder, a tiny text, and the
   moefy outputs made from them by the CLI itself), built once per session on first use; cases

@@ -1,4 +1,4 @@
-"""Hostile inputs to moefy's Python API (issue #22).
+"""Hostile inputs to moefy's Python API.
 
 Every row of :data:`API_CASES` runs through :func:`test_refused`: the call raises
 :class:`moefy.MoefyError` (not a raw TypeError, KeyError or RecursionError) with a one-line

@@ -1,4 +1,4 @@
-"""Hostile inputs to the ``moefy`` command line (issue #22).
+"""Hostile inputs to the ``moefy`` command line.
 
 Every row of :data:`hostile_cases.CLI_CASES` runs through :func:`test_refused`: exit code 2,
 stderr exactly one line holding ``error:`` and no traceback, and no file, folder, link, fifo or
@@ -122,7 +122,7 @@ def _fake_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     import moefy.bench.report
 
     monkeypatch.setattr(moefy.bench, "run_bench", lambda config, progress=None: {"decode": []})
-    monkeypatch.setattr(moefy.bench.report, "print_results", lambda results: None)
+    monkeypatch.setattr(moefy.bench.report, "cpu_report", lambda results: [])
 
 
 @pytest.mark.parametrize("command", sorted(BASE))

@@ -12,7 +12,7 @@ from moefy.kernels import backend as kernel_backend
 # One tolerance table per dtype: the kernels sum in another order than torch.
 TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}}
 # Largest ||out - ref|| / ||ref|| against a float64 reference on the same (upcast) inputs, per
-# input dtype (METHOD.md: float32 far under 1e-3, 16-bit outputs round at 1e-3 to 1e-2).
+# input dtype (float32 far under 1e-3; 16-bit outputs round at 1e-3 to 1e-2).
 RELATIVE_ERROR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

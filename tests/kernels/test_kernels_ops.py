@@ -240,43 +240,48 @@ def test_routed_expert_ffn_rejects_k_out_of_range(k):
         )  # fmt: skip
 
 
-def test_dispatcher_operators_equal_the_bindings_and_trace_without_breaks(fp32):
-    """The extension's torch.ops operators (what compiled graphs call) give the bindings'
-    results, and a whole fullgraph compile of the cpu entry points equals eager."""
-    from moefy.kernels import cpu
+def test_operators_equal_the_bindings_and_compile_without_breaks(fp32):
+    """The torch.ops.moefy operators (what compiled graphs call) give the C++ bindings' results
+    and tallies, and a fullgraph compile of the public calls under cpu equals eager."""
+    from moefy.kernels import routed_expert_ffn, use_backend
     from moefy.kernels.backend import cpu_extension
 
     extension = cpu_extension()
-    operators = getattr(torch.ops, extension.__name__)
     gen = torch.Generator().manual_seed(7)
     x, _, w_in, w_out, b_in, b_out = _expert_case(3, 24, 6, 4, True, bias=True)
     centroids = torch.randn(6, 24, generator=gen)
     weight_t = torch.randn(24, 10, generator=gen)
     threshold = torch.tensor([0.5])
 
-    def calls(ops, counts, seen, zeros):
-        routed = ops.routed_expert_ffn(
+    def bindings(counts, seen, zeros):
+        routed = extension.routed_expert_ffn(
             x, [centroids, torch.empty(0)], 2, counts, seen, w_in, w_out, b_in, b_out, 1, True
         )
-        linear = ops.threshold_linear(x, weight_t, None, threshold, zeros)
-        return routed, linear
+        return routed, extension.threshold_linear(x, weight_t, None, threshold, zeros)
+
+    def operators(counts, seen, zeros):
+        routed = torch.ops.moefy.routed_expert_ffn(
+            x, [centroids], [None], 2, counts, seen, w_in, w_out, b_in, b_out, "silu", True
+        )
+        return routed, torch.ops.moefy.threshold_linear(x, weight_t, None, threshold, zeros)
 
     tallies = [(torch.zeros(6, dtype=torch.long), torch.tensor(0), torch.tensor(0)) for _ in "ab"]
-    expected, got = calls(extension, *tallies[0]), calls(operators, *tallies[1])
+    expected, got = bindings(*tallies[0]), operators(*tallies[1])
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g)
     for e, g in zip(*tallies, strict=True):
         assert torch.equal(e, g)
 
     def entry_points(x, counts, seen, zeros):
-        routed = cpu.routed_expert_ffn(
+        routed = routed_expert_ffn(
             x, [(centroids, None)], 2, counts, seen, w_in, w_out, b_in, b_out, "silu", True
         )
-        return routed + 1, cpu.threshold_linear(x, weight_t, None, threshold, zeros)
+        return routed + 1, threshold_linear(x, weight_t, None, threshold, zeros)
 
     compiled_tallies = [torch.zeros(6, dtype=torch.long), torch.tensor(0), torch.tensor(0)]
     compiled = torch.compile(entry_points, fullgraph=True, backend="aot_eager")
-    got = compiled(x, *compiled_tallies)
+    with use_backend("cpu"):
+        got = compiled(x, *compiled_tallies)
     torch.testing.assert_close(got[0], expected[0] + 1, **fp32)
     torch.testing.assert_close(got[1], expected[1], **fp32)
     for e, g in zip(tallies[0], compiled_tallies, strict=True):

@@ -7,7 +7,7 @@ CUDA; where CUDA is present the interpreter tests skip and the ``gpu`` tests run
 
 Each check draws fresh random inputs, poisons outputs and work buffers with NaN (every element
 must be written, and no unwritten one read), and compares ``||out - ref|| / ||ref||`` with a
-float64 reference on the same inputs (METHOD.md).
+float64 reference on the same inputs.
 """
 
 from __future__ import annotations
@@ -337,6 +337,37 @@ def test_triton_falls_back_to_torch_where_the_kernels_do_not_fit(monkeypatch):
     assert got.requires_grad
     mixed = torch.randn(2, 8, dtype=torch.float64)
     threshold_linear(mixed, weight_t.double(), None, torch.tensor(0.5), backend="triton")
+
+
+@interpreted
+def test_cpu_operators_run_the_triton_kernels_while_triton_is_in_force(monkeypatch):
+    """Under the interpreter the operators' CPU implementation is Triton's while triton is the
+    backend in force (routed: torch routing, then the Triton experts), C++ otherwise."""
+    calls = []
+    for name in ("expert_ffn", "threshold_linear"):
+        real = getattr(triton_kernels, name)
+        spy = lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a)  # noqa: E731
+        monkeypatch.setattr(triton_kernels, name, spy)
+    gen = torch.Generator().manual_seed(5)
+    x, w_in, w_out, _, _ = _expert_case(2, 24, 4, 3, True, torch.float32, False, gen)
+    centroids, weight_t = torch.randn(4, 24, generator=gen), torch.randn(24, 6, generator=gen)
+    tallies = [(torch.zeros(4, dtype=torch.long), torch.tensor(0)) for _ in "ab"]
+    with kernel_backend.use_backend("triton"):
+        routed = torch.ops.moefy.routed_expert_ffn(
+            x, [centroids], [None], 2, *tallies[0], w_in, w_out, None, None, "silu", True
+        )
+        linear = torch.ops.moefy.threshold_linear(x, weight_t, None, torch.tensor(0.5))
+    assert calls == ["expert_ffn", "threshold_linear"]
+    expected = reference.routed_expert_ffn(
+        x, [(centroids, None)], 2, *tallies[1], w_in, w_out, None, None, "silu", True
+    )
+    assert _relative_error(routed, expected) <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(*tallies, strict=True))
+    expected = reference.threshold_linear(x, weight_t, None, torch.tensor(0.5))
+    assert _relative_error(linear, expected) <= 1e-5
+    with kernel_backend.use_backend("cpu"):
+        torch.ops.moefy.threshold_linear(x, weight_t, None, torch.tensor(0.5))
+    assert len(calls) == 2  # the C++ kernel ran
 
 
 def test_triton_on_cpu_tensors_without_interpreter_is_one_line_error(monkeypatch):

@@ -150,3 +150,14 @@ def test_thresholds_compose_with_dropping():
     assert not torch.allclose(logits(model, inputs), both)
     restore_layers(model, blocks=[1])
     torch.testing.assert_close(logits(model, inputs), both, **FP32)
+
+
+def test_layer_methods_are_a_registry_with_their_kept_blocks():
+    from moefy.layers import LAYER_METHODS
+
+    assert LAYER_METHODS.names() == ["drop-attn", "drop-mlp", "drop-block", "skip"]
+    assert LAYER_METHODS.get("skip").meta["kept"] == 2  # skip keeps the first and last block
+    assert LAYER_METHODS.get("drop-attn").meta["kept"] == 0
+    assert all(entry.help for entry in LAYER_METHODS.entries())
+    with pytest.raises(MoefyError, match="did you mean 'skip'"):
+        LAYER_METHODS.get("skips")

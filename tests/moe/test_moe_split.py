@@ -157,3 +157,22 @@ def test_coactivation_needs_counts_of_the_right_size() -> None:
     bad = SplitRequest(weights=_weights(), layout=layout, seed=0, coactivation=torch.ones(50, 50))
     with pytest.raises(MoefyError, match="d_ff=100"):
         split_neurons("coactivation", bad)
+
+
+def test_a_split_method_is_one_function_and_one_register_call():
+    from moefy.moe import SPLIT_METHODS, register_split_method
+
+    @register_split_method("contiguous-test", help="neurons in dense order")
+    def contiguous(request: SplitRequest) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(request.capacities)), request.capacities)
+
+    try:
+        config = MoEfyConfig(num_experts=2, method="contiguous-test")  # the config knows it
+        assert SPLIT_METHODS.get("contiguous-test").help == "neurons in dense order"
+        request = SplitRequest(weights=_weights(F=4), layout=config.layout(4), seed=0)
+        assert split_neurons("contiguous-test", request).tolist() == [[0, 1], [2, 3]]
+    finally:
+        SPLIT_METHODS.unregister("contiguous-test")
+    with pytest.raises(MoefyError, match="contiguous-test"):
+        MoEfyConfig(num_experts=2, method="contiguous-test")
+    assert SPLIT_METHODS.names() == ["random", "params", "coactivation"]

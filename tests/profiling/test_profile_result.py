@@ -9,7 +9,7 @@ import torch
 
 from moefy.data.blocks import TokenBlocks
 from moefy.errors import MoefyError
-from moefy.profiling import ProfileConfig, SparsityProfile, profile
+from moefy.profiling import ProfileConfig, SparsityProfile, profile, storage
 from moefy.profiling import result as result_module
 from moefy.profiling.accumulators import (
     ABS_HISTOGRAM_BINS,
@@ -138,7 +138,7 @@ def test_failed_save_keeps_the_old_profile(
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(result_module, "save_file", fail)
+    monkeypatch.setattr(storage, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         profiled.save(out, overwrite=True)
     assert (out / "summary.json").read_text() == before

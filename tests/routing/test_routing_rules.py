@@ -195,3 +195,12 @@ def test_only_top_k_routers_that_select_some_experts_run_in_the_kernel(routed):
     router.set_topk()  # every expert
     assert router.kernel_route() is None
     assert OracleSelector(8, k=2).kernel_route() is None  # the oracle needs every expert
+
+
+def test_routers_are_a_registry_with_help_from_their_docstrings():
+    from moefy.routing.routers import ROUTERS
+
+    assert set(ROUTERS) >= {"centroid", "mlp", "linear"}
+    assert all(ROUTERS.get(name).help for name in ("centroid", "mlp", "linear"))
+    with pytest.raises(MoefyError, match="unknown router 'mpl'"):
+        ROUTERS.get("mpl")

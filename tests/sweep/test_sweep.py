@@ -81,8 +81,12 @@ def test_sweep_then_cached_rerun_does_no_work(setting, tmp_path):
     assert again.computed == 0
     assert again.rows == first.rows
 
-    wider = sweep(_config(model, text, METHODS + ("cats",)), tmp_path / "sweep")
+    shown = []  # the rows this run evaluated, as the sweep hands them over one by one
+    wider = sweep(
+        _config(model, text, METHODS + ("cats",)), tmp_path / "sweep", on_row=shown.append
+    )
     assert wider.computed == len(LEVELS)  # only the new method's levels
+    assert sorted((r["method"], r["level"]) for r in shown) == [("cats", v) for v in sorted(LEVELS)]
 
 
 def test_report_has_one_curve_per_method(setting, tmp_path):

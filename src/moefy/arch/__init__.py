@@ -2,10 +2,12 @@
 
 from moefy.arch.registry import (
     ARCHITECTURES,
+    attention_projection_paths,
     find_ffns,
     get_spec,
     model_type_of,
     register_architecture,
+    register_attention_projections,
     replace_ffn,
     restore_ffn,
 )
@@ -16,10 +18,12 @@ __all__ = [
     "FFNSite",
     "FFNSpec",
     "FFNWeights",
+    "attention_projection_paths",
     "find_ffns",
     "get_spec",
     "model_type_of",
     "register_architecture",
+    "register_attention_projections",
     "replace_ffn",
     "restore_ffn",
 ]

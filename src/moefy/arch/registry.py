@@ -1,7 +1,8 @@
 """The architecture table: one :class:`FFNSpec` per ``config.model_type``.
 
 Adding an architecture is one entry here, or a call to :func:`register_architecture` from user
-code. Everything else (profiler, MoEfication, thresholds) reads FFNs through :func:`find_ffns`.
+code. Everything else (profiler, MoEfication, thresholds, attention sparsity, layer dropping)
+reads the model through :func:`find_ffns` and the spec's paths.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from moefy.arch.spec import FFNSite, FFNSpec, get_submodule, set_submodule
+from moefy.arch.spec import FFNSite, FFNSpec, ProjectionPaths, get_submodule, set_submodule
 from moefy.errors import MoefyError
 
 SpecOrFactory = FFNSpec | Callable[[object], FFNSpec]
@@ -23,7 +24,16 @@ _LLAMA_LIKE = FFNSpec(
     down="down_proj",
     act="act_fn",
     attention="self_attn",
+    attention_projections=tuple(f"self_attn.{p}_proj" for p in "qkvo"),
 )
+_T5_SELF = tuple(f"layer.0.SelfAttention.{p}" for p in "qkvo")
+_T5_CROSS = tuple(f"layer.1.EncDecAttention.{p}" for p in "qkvo")
+
+
+def _t5_projections(block: nn.Module) -> tuple[str, ...]:
+    """T5's decoder blocks (three sublayers) add cross-attention to self-attention."""
+    is_decoder = bool(getattr(block, "is_decoder", False)) or len(getattr(block, "layer", ())) == 3
+    return _T5_SELF + _T5_CROSS if is_decoder else _T5_SELF
 
 
 def _t5_spec(config: object) -> FFNSpec:
@@ -35,8 +45,17 @@ def _t5_spec(config: object) -> FFNSpec:
     if getattr(config, "is_encoder_decoder", True) is False:  # T5EncoderModel
         stacks = stacks[:1]
     if gated:
-        return FFNSpec(stacks=stacks, up="wi_1", gate="wi_0", down="wo", act="act")
-    return FFNSpec(stacks=stacks, up="wi", down="wo", act="act")
+        return FFNSpec(
+            stacks=stacks,
+            up="wi_1",
+            gate="wi_0",
+            down="wo",
+            act="act",
+            attention_projections=_t5_projections,
+        )
+    return FFNSpec(
+        stacks=stacks, up="wi", down="wo", act="act", attention_projections=_t5_projections
+    )
 
 
 ARCHITECTURES: dict[str, SpecOrFactory] = {
@@ -53,6 +72,7 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         act="activation_fn",
         fused_gate_up=True,
         attention="self_attn",
+        attention_projections=("self_attn.qkv_proj", "self_attn.o_proj"),
     ),
     "gpt2": FFNSpec(
         stacks=(("transformer.h", "mlp"),),
@@ -61,6 +81,7 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         act="act",
         conv1d=True,
         attention="attn",
+        attention_projections=("attn.c_attn", "attn.c_proj"),
     ),
     "gpt_neox": FFNSpec(
         stacks=(("gpt_neox.layers", "mlp"),),
@@ -68,6 +89,7 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         down="dense_4h_to_h",
         act="act",
         attention="attention",
+        attention_projections=("attention.query_key_value", "attention.dense"),
     ),
     "opt": FFNSpec(
         stacks=(("model.decoder.layers", ""),),
@@ -76,6 +98,10 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         act="activation_fn",
         inline=True,
         attention="self_attn",
+        attention_projections=(
+            *(f"self_attn.{p}_proj" for p in "qkv"),
+            "self_attn.out_proj",
+        ),
     ),
     "bert": FFNSpec(
         stacks=(("encoder.layer", ""),),
@@ -83,6 +109,10 @@ ARCHITECTURES: dict[str, SpecOrFactory] = {
         down="output.dense",
         act="intermediate.intermediate_act_fn",
         inline=True,
+        attention_projections=(
+            *(f"attention.self.{p}" for p in ("query", "key", "value")),
+            "attention.output.dense",
+        ),
     ),
     "t5": _t5_spec,
 }
@@ -132,6 +162,77 @@ def get_spec(model: nn.Module) -> FFNSpec:
             "down=..., act=..., gate=...)), see README 'Other architectures'"
         )
     return entry if isinstance(entry, FFNSpec) else entry(getattr(model, "config", None))
+
+
+def attention_projection_paths(model: nn.Module, block: nn.Module) -> tuple[str, ...]:
+    """The attention projection paths (relative to ``block``) of ``model``'s architecture.
+
+    Args:
+        model: a model of a registered architecture.
+        block: one of its transformer blocks (``FFNSite.block``).
+
+    Returns:
+        Dotted paths inside ``block``, q, k, v then o (a fused projection is one path).
+
+    Raises:
+        MoefyError: the architecture is unknown, or its spec lists no attention projections.
+
+    Example:
+        >>> attention_projection_paths(llama, find_ffns(llama)[0].block)
+        ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj')
+    """
+    paths = get_spec(model).attention_projections
+    if paths is None:
+        model_type = model_type_of(model)
+        raise MoefyError(
+            f"no attention projections known for {model_type!r}: give its FFNSpec "
+            f"attention_projections=('attn.q', ...) (moefy.register_architecture({model_type!r}, "
+            "spec, overwrite=True)) or sparsify the FFN only (attention=False)"
+        )
+    return paths if isinstance(paths, tuple) else tuple(paths(block))
+
+
+def register_attention_projections(
+    model_type: str, paths: ProjectionPaths, *, overwrite: bool = False
+) -> None:
+    """Set the ``attention_projections`` of a registered architecture's spec.
+
+    Args:
+        model_type: a key of :data:`ARCHITECTURES`.
+        paths: dotted paths inside one block, or a function ``block -> paths``.
+        overwrite: replace projections the spec already lists.
+
+    Raises:
+        MoefyError: the architecture is not registered, or lists projections already.
+
+    Example:
+        >>> register_attention_projections("mymodel", ("attn.wq", "attn.wk", "attn.wv", "attn.wo"))
+    """
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None:
+        raise MoefyError(
+            f"architecture {model_type!r} is not registered: register it first with "
+            f"moefy.register_architecture({model_type!r}, moefy.FFNSpec(..., "
+            "attention_projections=...))"
+        )
+    if isinstance(entry, FFNSpec):
+        if entry.attention_projections is not None and not overwrite:
+            raise MoefyError(
+                f"attention projections of {model_type!r} are registered already; "
+                "pass overwrite=True"
+            )
+        ARCHITECTURES[model_type] = dataclasses.replace(entry, attention_projections=paths)
+        return
+
+    def with_projections(config: object, factory: Callable[[object], FFNSpec] = entry) -> FFNSpec:
+        return dataclasses.replace(factory(config), attention_projections=paths)
+
+    if not overwrite:  # a factory's projections are only known per config: refuse to guess
+        raise MoefyError(
+            f"{model_type!r} builds its spec from the config and may list attention "
+            "projections already; pass overwrite=True"
+        )
+    ARCHITECTURES[model_type] = with_projections
 
 
 def _resolve_stack(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:

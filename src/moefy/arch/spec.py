@@ -22,6 +22,9 @@ from torch import nn
 
 from moefy.errors import MoefyError
 
+# attention projection paths inside a block, or a function of the block that gives them
+ProjectionPaths = tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]
+
 
 @dataclass(frozen=True)
 class FFNSpec:
@@ -47,6 +50,10 @@ class FFNSpec:
         attention_out: path (inside one block) of the module whose output is what attention adds
             to the residual stream, when that is not the attention itself (Gemma 2's
             post-attention norm); ``None`` means ``attention``.
+        attention_projections: paths (inside one block) of the attention's linear projections
+            (q, k, v, o; a fused ``qkv`` is one path), or a function ``block -> paths`` when the
+            blocks of one model differ (T5's decoder blocks add cross-attention); ``None`` when
+            not registered. Sparsifying attention (``attention=True``) reads it.
 
     Example:
         >>> FFNSpec(stacks=(("model.layers", "mlp"),), up="up_proj", gate="gate_proj",
@@ -63,6 +70,7 @@ class FFNSpec:
     inline: bool = False
     attention: str | None = None
     attention_out: str | None = None
+    attention_projections: ProjectionPaths | None = None
 
     def __post_init__(self) -> None:
         if not self.stacks:

@@ -6,16 +6,19 @@ call it. On a GPU, :func:`run_gpu_bench` with a :class:`GpuBenchConfig` times th
 """
 
 from moefy.bench.decode import DecodeSpeed, decode_speeds, dense_copy, weight_bytes_per_token
-from moefy.bench.gpu import GpuBenchConfig, print_gpu_results, run_gpu_bench
+from moefy.bench.gpu import GpuBenchConfig, gpu_report, run_gpu_bench
+from moefy.bench.report import Table, cpu_report
 from moefy.bench.run import BenchConfig, run_bench
 
 __all__ = [
     "BenchConfig",
     "DecodeSpeed",
     "GpuBenchConfig",
+    "Table",
+    "cpu_report",
     "decode_speeds",
     "dense_copy",
-    "print_gpu_results",
+    "gpu_report",
     "run_bench",
     "run_gpu_bench",
     "weight_bytes_per_token",

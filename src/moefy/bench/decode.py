@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from moefy.bench.timing import interleaved_medians
+from moefy.cost import reset_counters, swapped_modules, tensor_bytes
 from moefy.errors import MoefyError
-from moefy.moe.module import MoEFFN
-from moefy.sparsify.wrappers import SparseModule
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def decode_speeds(
     speeds = {}
     for name, model in models.items():
         # One more generate, alone, measures the shares this variant reads (models may be shared).
-        _reset_tallies(model)
+        reset_counters(model)
         call(name, new_tokens)()
         seconds = (medians[f"{name}|n"] - medians[f"{name}|1"]) / (new_tokens - 1)
         speeds[name] = DecodeSpeed(max(seconds, 1e-9), weight_bytes_per_token(model))
@@ -164,49 +163,39 @@ def _decoder(
     return lambda n: decoder.generate(input_ids, n)
 
 
-def _reset_tallies(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, MoEFFN):
-            module.reset_tally()
-        elif isinstance(module, SparseModule):
-            module.reset_counters()
-
-
 def weight_bytes_per_token(model: nn.Module) -> float:
     """Bytes of weights one decoded token reads, from the shares measured since the last reset.
 
-    MoE layers read their selected experts (measured active fraction) and their selector;
-    sparse linear wrappers read the rows of kept inputs (measured zero share); an embedding
-    reads one row; every other parameter is read whole. The KV cache is left out (small at
-    the short contexts benchmarked).
+    Each module moefy swapped in says what it reads (cost protocol of :mod:`moefy.cost`): MoE
+    layers their selected experts (measured active fraction) and their selector, sparse linear
+    wrappers the rows of kept inputs (measured zero share), dropped layers nothing. An
+    embedding reads one row; every other parameter is read whole. The KV cache is left out
+    (small at the short contexts benchmarked).
+
+    Args:
+        model: any model, after the decoding whose shares should count.
+
+    Returns:
+        Bytes per token.
+
+    Example:
+        >>> reset_counters(model); generate_exactly(model, prompt, 32)
+        >>> weight_bytes_per_token(model) / 1e6  # MB per token
     """
     total = 0.0
     skip: set[int] = set()
+    swapped = {id(module): module for _, module in swapped_modules(model)}
     for module in model.modules():
         if id(module) in skip:
             continue
-        own = list(module.parameters(recurse=False))
-        if isinstance(module, MoEFFN):
+        if id(module) in swapped:
             skip.update(id(m) for m in module.modules())
-            fraction = module.active_fraction if int(module.tokens_seen) else 1.0
-            experts = _nbytes([module.w_in, module.w_out])
-            total += experts * fraction + _nbytes(module.selector.parameters())
-            total += _nbytes(module.selector.buffers())
-            total += _nbytes(p for p in (module.b_in, module.b_out) if p is not None)
-        elif isinstance(module, SparseModule) and hasattr(module.base_layer, "weight"):
-            skip.update(id(m) for m in module.modules())
-            seen = int(module.entries_seen)
-            kept = 1.0 - int(module.zeros_seen) / seen if seen else 1.0
-            total += _nbytes(module.base_layer.parameters()) * kept
+            total += module.measured_cost().weight_bytes
         elif isinstance(module, nn.Embedding):
             total += module.weight.shape[1] * module.weight.element_size()
         else:
-            total += _nbytes(own)
+            total += tensor_bytes(module.parameters(recurse=False))
     return total
-
-
-def _nbytes(tensors) -> float:
-    return float(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ Shape legend:
     N: tokens (batch), I: input features, O: output features, D: model width, F: FFN width,
     E: experts, S: slots per expert (F / E)
 
-What issue #11 section 4 asks at kernel level: Llama-3-8B and -70B weight shapes at batch 1, 4
+What it measures: Llama-3-8B and -70B weight shapes at batch 1, 4
 and 16, a threshold-sparse linear (TEAL layout) at 0 / 25 / 40 / 50 / 65 / 80 / 90 % sparsity
 against ``F.linear`` on the same weights, and the Llama-3-8B MLP block against the dense gated MLP
 two ways: as 64 expert blocks at the same shares of unselected experts (``experts``), and with
@@ -20,29 +20,30 @@ kernel, then the threshold down projection). For fairness and repeatability:
   keep, together, plus inputs and outputs) over the copy bandwidth measured in the same run.
 
 The results have the layout of :func:`moefy.bench.run.run_bench` (``ffn`` rows with the same
-keys, ``threads`` 0), so :func:`moefy.bench.report.print_results` prints them too.
+keys, ``threads`` 0), so :func:`moefy.bench.report.cpu_report` reports them too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as Fn
 
+from moefy.bench.report import Report, Table
+from moefy.device import DTYPES
 from moefy.errors import MoefyError
+from moefy.jsonconfig import JsonConfig
 
 GPU_BENCH_VERSION = 1
 BATCHES = (1, 4, 16)
-# the issue's levels, plus 0.75: the expert blocks at 25 % of experts
+# the GPU goals' levels, plus 0.75: the expert blocks at 25 % of experts
 SPARSITIES = (0.0, 0.25, 0.40, 0.50, 0.65, 0.75, 0.80, 0.90)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Weight copies span this many L2 caches, so a rotation never hits in L2.
 L2_MULTIPLE = 4
 COPY_BUFFER_BYTES = 2**30  # per side of the bandwidth copy: far past any L2
@@ -97,7 +98,7 @@ MLP_SHAPES = (MLPShape("llama3-8b mlp 4096x14336", 4096, 14336),)
 
 
 @dataclass(frozen=True)
-class GpuBenchConfig:
+class GpuBenchConfig(JsonConfig):
     """What the GPU kernel benchmark measures.
 
     Attributes:
@@ -128,6 +129,8 @@ class GpuBenchConfig:
     seed: int = 0
     version: int = GPU_BENCH_VERSION
 
+    VERSION: ClassVar[int] = GPU_BENCH_VERSION
+
     def __post_init__(self) -> None:
         from moefy.kernels import SMALL_BATCH_MAX
 
@@ -136,24 +139,22 @@ class GpuBenchConfig:
         if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
             raise MoefyError(f"sparsities must be in [0, 1), got {self.sparsities}")
         if self.dtype not in DTYPES:
-            raise MoefyError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise MoefyError(
+                f"dtype must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}"
+            )
         if self.rounds is not None and self.rounds < 1:
             raise MoefyError(f"rounds must be >= 1, got {self.rounds}")
         if self.calls_per_graph < 1:
             raise MoefyError(f"calls_per_graph must be >= 1, got {self.calls_per_graph}")
         if not (self.linear or self.mlp):
             raise MoefyError("nothing to measure: enable linear or mlp")
-        if self.version != GPU_BENCH_VERSION:
-            raise MoefyError(f"gpu bench config version {self.version} is not {GPU_BENCH_VERSION}")
+        self.check_version()
 
     def rounds_or_default(self) -> int:
         return self.rounds or (10 if self.quick else 50)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --- arithmetic without a GPU ---------------------------------------------------------------
@@ -248,7 +249,7 @@ def result_row(
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, object]]:
-    """The rows :func:`print_gpu_results` shows (times in microseconds: GPU kernels are short)."""
+    """The rows of :func:`gpu_report`'s table (times in microseconds: GPU kernels are short)."""
     return [
         {
             "shape": row["shape"],
@@ -266,18 +267,29 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, object]]:
     ]
 
 
-def print_gpu_results(results: dict[str, Any]) -> None:
-    """Print the device, the copy bandwidth and the kernel table of :func:`run_gpu_bench`."""
-    from moefy.cli.show import console, print_table
+def gpu_report(results: dict[str, Any]) -> Report:
+    """The device and copy bandwidth line and the kernel table of :func:`run_gpu_bench`.
 
+    Args:
+        results: what :func:`run_gpu_bench` returned.
+
+    Returns:
+        Lines and tables in print order (``moefy bench --device cuda`` prints them).
+
+    Example:
+        >>> gpu_report(results)[0]
+        'kernels: triton on H100; copy bandwidth: cuda:0 2930 GB/s'
+    """
     bandwidth = ", ".join(f"{k} {v:.0f} GB/s" for k, v in results["bandwidth_gbps"].items())
     device = results["machine_before"].get("gpu", "?")
-    console().print(f"kernels: {results['kernels']} on {device}; copy bandwidth: {bandwidth}")
-    print_table(
-        "GPU kernels vs cuBLAS dense (CUDA graphs, weights rotated past L2; speedup = dense / "
-        "sparse median; limit = dense / (bytes read / copy bandwidth))",
-        table_rows(results),
-    )
+    return [
+        f"kernels: {results['kernels']} on {device}; copy bandwidth: {bandwidth}",
+        Table(
+            "GPU kernels vs cuBLAS dense (CUDA graphs, weights rotated past L2; speedup = dense / "
+            "sparse median; limit = dense / (bytes read / copy bandwidth))",
+            table_rows(results),
+        ),
+    ]
 
 
 # --- measurement (needs CUDA) ----------------------------------------------------------------
@@ -528,7 +540,7 @@ def run_gpu_bench(
 
     Example:
         >>> results = run_gpu_bench(GpuBenchConfig(quick=True))
-        >>> print_gpu_results(results)
+        >>> gpu_report(results)
     """
     from moefy.kernels import Backend
     from moefy.kernels.backend import check_available

@@ -18,7 +18,6 @@ experts per FFN, centroid routers; the top-k is set before its rounds).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moefy.bench.report import Report, Table, decode_table_row
+from moefy.device import DTYPES
 from moefy.errors import MoefyError
+from moefy.jsonconfig import JsonConfig
 
 # Shapes of real models (transformers LlamaConfig fields); "tiny" is for tests.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
@@ -60,14 +62,13 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CALIBRATION_BLOCKS = 8
 CALIBRATION_LEN = 128
 WEIGHT_STD = 0.02
 
 
 @dataclass(frozen=True)
-class DecodeBenchConfig:
+class DecodeBenchConfig(JsonConfig):
     """What the end-to-end decode benchmark measures.
 
     Attributes:
@@ -123,9 +124,6 @@ class DecodeBenchConfig:
 
     def rounds_or_default(self) -> int:
         return self.rounds or (3 if self.quick else 5)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def random_model(config: DecodeBenchConfig, device: torch.device) -> nn.Module:
@@ -264,15 +262,21 @@ def run_decode_bench(
     }
 
 
-def print_decode_results(results: dict[str, Any]) -> None:
-    """Print the table of :func:`run_decode_bench`."""
-    from moefy.bench.report import decode_table_row
-    from moefy.cli.show import print_table
+def decode_report(results: dict[str, Any]) -> Report:
+    """The table of :func:`run_decode_bench`.
 
+    Args:
+        results: what :func:`run_decode_bench` returned.
+
+    Returns:
+        One :class:`moefy.bench.report.Table` in a list (``moefy bench --device cuda`` prints it).
+    """
     config = results["config"]
     step = "compiled static-cache step" if config["compile"] else "eager static-cache loop"
-    print_table(
-        f"decode on {results['device']}, {config['shape']} shapes, {config['dtype']}, {step} "
-        f"({results['note']}; limit = dense bytes / variant bytes per token)",
-        [decode_table_row(row, threads=False) for row in results["decode"]],
-    )
+    return [
+        Table(
+            f"decode on {results['device']}, {config['shape']} shapes, {config['dtype']}, {step} "
+            f"({results['note']}; limit = dense bytes / variant bytes per token)",
+            [decode_table_row(row, threads=False) for row in results["decode"]],
+        )
+    ]

@@ -1,4 +1,4 @@
-"""Issue #11's GPU speed goals against measured results: met, short, or not measured.
+"""moefy's GPU speed goals against measured results: met, short, or not measured.
 
 The goals (batch 1, bf16, H100-class GPU; TEAL's own kernel measured 1.68x at 50 % there):
 

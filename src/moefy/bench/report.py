@@ -1,38 +1,68 @@
-"""The benchmark's tables, printed with rich from the JSON-ready results."""
+"""The benchmark's report: lines and tables built from the JSON-ready results; ``moefy bench``
+prints them (the library returns, the CLI prints).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
-def print_results(results: dict[str, Any]) -> None:
-    """Print the bandwidth line, the FFN table and the decode table of :func:`run_bench`."""
-    from moefy.cli.show import console, print_table
+@dataclass(frozen=True)
+class Table:
+    """A titled table: rows are dicts with the same keys, which become the column headers."""
 
+    title: str
+    rows: list[dict[str, object]]
+
+
+# a report is its lines and tables in print order
+Report = list[str | Table]
+
+
+def cpu_report(results: dict[str, Any]) -> Report:
+    """The bandwidth line, the FFN table and the decode table of :func:`run_bench`.
+
+    Args:
+        results: what :func:`moefy.bench.run_bench` (or :func:`moefy.bench.run_gpu_bench`,
+            which has the same layout) returned.
+
+    Returns:
+        Lines and :class:`Table` s in print order.
+
+    Example:
+        >>> [item.title[:4] for item in cpu_report(results) if isinstance(item, Table)]
+        ['FFN:', 'deco']
+    """
     load_before = results["machine_before"].get("load_average")
     load_after = results.get("machine_after", {}).get("load_average")
     bandwidth = ", ".join(
         f"{threads} thread(s) {gbps:.1f} GB/s"
         for threads, gbps in results["bandwidth_gbps"].items()
     )
-    console().print(
+    report: Report = [
         f"kernels: {results['kernels']}; read bandwidth: {bandwidth}; "
         f"load average before {_load(load_before)}, after {_load(load_after)}"
-    )
+    ]
     if results["ffn"]:
-        print_table(
-            "FFN: sparse kernel vs torch dense (speedup = dense / sparse median; limit = the "
-            "speed-up its bytes allow at the measured bandwidth)",
-            [_ffn_row(row) for row in results["ffn"]],
+        report.append(
+            Table(
+                "FFN: sparse kernel vs torch dense (speedup = dense / sparse median; limit = the "
+                "speed-up its bytes allow at the measured bandwidth)",
+                [_ffn_row(row) for row in results["ffn"]],
+            )
         )
     if results["decode"]:
         step = results["decode"][0].get("step", "generate")
         how = "a compiled static-cache step" if step == "compiled" else "generate"
-        print_table(
-            f"decode: tokens/s through {how} (routers untrained: speed depends on how many "
-            "experts run, not on which)",
-            [decode_table_row(row) for row in results["decode"]],
+        report.append(
+            Table(
+                f"decode: tokens/s through {how} (routers untrained: speed depends on how many "
+                "experts run, not on which)",
+                [decode_table_row(row) for row in results["decode"]],
+            )
         )
+    return report
 
 
 def _load(values: list[float] | None) -> str:

@@ -9,15 +9,15 @@ variant reads allow at the measured bandwidth.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import JsonConfig
 
 BENCH_VERSION = 1
 DEFAULT_PROMPT = "The central bank said on Tuesday that interest rates"
@@ -25,7 +25,7 @@ PARTS = ("ffn", "decode")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(JsonConfig):
     """What ``moefy bench`` measures.
 
     Attributes:
@@ -61,6 +61,8 @@ class BenchConfig:
     compile: bool = False
     version: int = BENCH_VERSION
 
+    VERSION: ClassVar[int] = BENCH_VERSION
+
     def __post_init__(self) -> None:
         if any(not isinstance(t, int) or t < 1 for t in self.threads):
             raise MoefyError(f"thread counts must be integers >= 1, got {self.threads}")
@@ -77,8 +79,7 @@ class BenchConfig:
             raise MoefyError(f"expert fractions must be in (0, 1], got {self.expert_fractions}")
         if not 0.0 <= self.teal_sparsity < 1.0:
             raise MoefyError(f"teal sparsity must be in [0, 1), got {self.teal_sparsity}")
-        if self.version != BENCH_VERSION:
-            raise MoefyError(f"bench config version {self.version} is not {BENCH_VERSION}")
+        self.check_version()
 
     def thread_counts(self) -> tuple[int, ...]:
         return self.threads or tuple(sorted({1, os.cpu_count() or 1}))
@@ -91,9 +92,6 @@ class BenchConfig:
 
     def new_tokens_or_default(self) -> int:
         return self.new_tokens or (16 if self.quick else 64)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def machine() -> dict[str, Any]:

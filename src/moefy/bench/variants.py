@@ -2,9 +2,9 @@
 
 Routers here are MoEfication's centroid routers, built from the weights in seconds with no
 training: decode speed depends on how many experts run, not on how well they were chosen, so
-an untrained router measures the same speed as a trained one (its quality is another issue's
-benchmark). The TEAL thresholds are calibrated on a little real text, so the measured sparsity
-during decode is close to the target.
+an untrained router measures the same speed as a trained one (``moefy sweep`` and
+``benchmarks/router_quality.py`` measure its quality). The TEAL thresholds are calibrated on a
+little real text, so the measured sparsity during decode is close to the target.
 """
 
 from __future__ import annotations

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import Any
+
+from moefy.sparsify.config import positive_int as _parse_positive_int
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a library parser: its ``ValueError`` becomes a usage error that
+    shows the parser's own message (argparse would print "invalid <name> value")."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    convert.__doc__ = parse.__doc__
+    return convert
+
+
+# argparse type: an integer > 0 (the library's parser, as a usage error)
+positive_int = argparse_type(_parse_positive_int)
 
 
 def non_negative_int(text: str) -> int:
@@ -39,39 +51,58 @@ def block_len(text: str) -> int:
     return value
 
 
-def _number(text: str) -> float:
-    """A finite float: nan and inf are refused here, so no option can take them."""
+def parse_float(text: str) -> float:
+    """An option's number (nan and inf included); a usage error that quotes any other text.
+
+    Example:
+        >>> parse_float("0.5")
+        0.5
+    """
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """A finite float: nan and inf are refused here, so no option can take them."""
+    value = parse_float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def float_type(
+    must: str, ok: Callable[[float], bool], *, finite: bool = True
+) -> Callable[[str], float]:
+    """An argparse type: a number for which ``ok`` holds, else the usage error
+    ``must be <must>, got <value>``.
+
+    Args:
+        must: what the number must be, as the error says it (``"> 0"``).
+        ok: the test.
+        finite: refuse nan and inf before ``ok`` (``expected a finite number``).
+
+    Returns:
+        The type.
+
+    Example:
+        >>> speedup = float_type("a finite number >= 1", lambda v: v >= 1, finite=False)
+    """
+
+    def convert(text: str) -> float:
+        value = _number(text) if finite else parse_float(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {value}")
+        return value
+
+    convert.__doc__ = f"argparse type: a number {must}."
+    return convert
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    value = _number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def open_unit_float(text: str) -> float:
-    """argparse type: a float strictly between 0 and 1."""
-    value = _number(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
-    return value
+positive_float = float_type("> 0", lambda value: value > 0)
+non_negative_float = float_type(">= 0", lambda value: value >= 0)
+open_unit_float = float_type("between 0 and 1 (exclusive)", lambda value: 0.0 < value < 1.0)
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -85,6 +116,52 @@ def float_list(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(value) for value in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return values
+
+
+KEEP_OPTION = "--keep"
+
+
+class _NoteSpelling(argparse.Action):
+    """Store the value and which spelling of the option the user typed (``<dest>_option``),
+    so that a message can name the option as it was written."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_option", option_string)
+
+
+def add_keep_option(
+    parser: Any,
+    *,
+    former: str,
+    type: Callable[[str], Any],  # noqa: A002 - argparse's word for it
+    default: Any,
+    help: str,  # noqa: A002 - argparse's word for it
+) -> None:
+    """``--keep`` (dest ``keep``: the share of the FFN or of the experts kept per token) and
+    its former spelling ``former``, still accepted but left out of ``--help``, on ``parser``
+    (a parser or an argument group). Read back which one was typed with :func:`keep_option`.
+
+    Example:
+        >>> add_keep_option(parser, former="--fractions", type=float_list, default=(0.5,),
+        ...                 help="comma-separated shares of experts kept per token")
+    """
+    parser.add_argument(
+        KEEP_OPTION, dest="keep", type=type, default=default, help=help, action=_NoteSpelling
+    )
+    parser.add_argument(
+        former,
+        dest="keep",
+        type=type,
+        default=default,
+        help=argparse.SUPPRESS,
+        action=_NoteSpelling,
+    )
+
+
+def keep_option(args: argparse.Namespace) -> str:
+    """The spelling of the keep option the user typed (``--keep`` unless the former one)."""
+    return getattr(args, "keep_option", None) or KEEP_OPTION
 
 
 def add_model_and_data(parser: argparse.ArgumentParser, *, tokens: int) -> None:
@@ -185,6 +262,32 @@ def add_output(
         action="store_true",
         help=f"replace an existing output that moefy wrote before{also}",
     )
+
+
+def add_eval_tokens(
+    parser: argparse.ArgumentParser, help_text: str, *, default: int, may_skip: bool = False
+) -> None:
+    """--eval-tokens: tokens of evaluation text (``may_skip``: 0 is allowed, and skips).
+
+    Example:
+        >>> add_eval_tokens(parser, "tokens of evaluation text for --perplexity", default=4096)
+    """
+    parser.add_argument(
+        "--eval-tokens",
+        type=non_negative_int if may_skip else positive_int,
+        default=default,
+        help=help_text,
+    )
+
+
+def run_claimed(args: argparse.Namespace, work: Callable[[argparse.Namespace], int]) -> int:
+    """``work(args)`` with the output folder checked before any work and locked while it runs.
+
+    Example:
+        >>> def run(args): return run_claimed(args, _run)
+    """
+    with claimed_output(args, "folder"):
+        return work(args)
 
 
 def claimed_output(

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from moefy.bench import BenchConfig, run_bench
-    from moefy.bench.report import print_results
-    from moefy.cli.show import console, esc, status
+    from moefy.bench.report import cpu_report
+    from moefy.cli.show import console, esc, print_report, status
     from moefy.device import dtype_name, resolve
     from moefy.io import write_json
 
@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     with status("benchmarking") as progress:
         results = run_bench(config, progress=progress.update)
-    print_results(results)
+    print_report(cpu_report(results))
     if args.out:
         write_json(args.out, results, overwrite=args.overwrite)
         console().print(f"results written to [bold]{esc(args.out)}[/bold]")
@@ -109,9 +109,9 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
     """``--device cuda``: the Triton kernels against cuBLAS (:func:`moefy.bench.run_gpu_bench`),
     then decode of a random-weight model of real shapes, dense against TEAL and the MoE FFN
     under CUDA graphs (:func:`moefy.bench.gpu_decode.run_decode_bench`)."""
-    from moefy.bench import GpuBenchConfig, print_gpu_results, run_gpu_bench
-    from moefy.bench.gpu_decode import DecodeBenchConfig, print_decode_results, run_decode_bench
-    from moefy.cli.show import console, esc, status
+    from moefy.bench import GpuBenchConfig, gpu_report, run_gpu_bench
+    from moefy.bench.gpu_decode import DecodeBenchConfig, decode_report, run_decode_bench
+    from moefy.cli.show import console, esc, print_report, status
     from moefy.io import write_json
 
     results = {}
@@ -119,7 +119,7 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
         config = GpuBenchConfig(dtype=dtype, rounds=args.rounds, quick=args.quick)
         with status("benchmarking the kernels on the GPU") as progress:
             results = run_gpu_bench(config, device=device, progress=progress.update)
-        print_gpu_results(results)
+        print_report(gpu_report(results))
     if args.only != "ffn":
         decode_config = DecodeBenchConfig(
             shape=args.shape,
@@ -131,7 +131,7 @@ def _run_gpu(args: argparse.Namespace, device, dtype: str) -> int:
         )
         with status("decoding on the GPU") as progress:
             decode = run_decode_bench(decode_config, device=device, progress=progress.update)
-        print_decode_results(decode)
+        print_report(decode_report(decode))
         results["end_to_end"] = decode
     if args.out:
         write_json(args.out, results, overwrite=args.overwrite)

@@ -7,9 +7,9 @@ import argparse
 from moefy.cli.args import (
     add_device_and_dtype,
     add_output,
-    claimed_output,
     device_and_dtype,
     positive_int,
+    run_claimed,
 )
 
 HELP = "split each dense FFN into experts (random, params or coactivation) and save the model"
@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
-        return _run(args)
+    return run_claimed(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,12 +6,14 @@ import argparse
 
 from moefy.cli.args import (
     add_device_and_dtype,
+    add_eval_tokens,
+    add_keep_option,
     add_model_and_data,
     add_output,
     claimed_output,
     is_writer,
+    keep_option,
     non_negative_float,
-    non_negative_int,
     open_unit_float,
     positive_float,
     positive_int,
@@ -52,11 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of KL to the original model's logits (0: none)",
     )
     moe = parser.add_argument_group("moefied models (MoE-aware fine-tuning)")
-    moe.add_argument(
-        "--fraction",
+    add_keep_option(
+        moe,
+        former="--fraction",
         type=open_unit_float,
         default=None,
-        help="train with top-k routing at this share of experts (default: the model's setting)",
+        help="train with top-k routing keeping this share of experts per token (default: the "
+        "model's setting)",
     )
     moe.add_argument(
         "--tau",
@@ -108,11 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    parser.add_argument(
-        "--eval-tokens",
-        type=non_negative_int,
+    add_eval_tokens(
+        parser,
+        "evaluation tokens for perplexity and exact zeros before and after (0: skip)",
         default=4096,
-        help="evaluation tokens for perplexity and exact zeros before and after (0: skip)",
+        may_skip=True,
     )
     add_output(parser, "output folder (resumes if present)", default="runs/finetune", resume=True)
 
@@ -135,12 +139,14 @@ def _measure(model, blocks, batch_size: int) -> dict[str, float]:
 
 
 def _set_moe_routing(model, args: argparse.Namespace) -> bool:
-    """Apply --fraction / --tau to a moefied model; False for a dense one (then they are errors)."""
+    """Apply --keep / --tau to a moefied model; False for a dense one (then they are errors)."""
     from moefy.errors import MoefyError
     from moefy.moe.convert import moe_layers
 
     if not moe_layers(model):
-        given = [f"--{n}" for n in ("fraction", "tau") if getattr(args, n) is not None]
+        given = [keep_option(args)] if args.keep is not None else []
+        if args.tau is not None:
+            given.append("--tau")
         if args.efficiency > 0:
             given.append("--efficiency")
         if args.straight_through is not None:
@@ -157,15 +163,15 @@ def _set_moe_routing(model, args: argparse.Namespace) -> bool:
         raise MoefyError(
             f"{args.model} is moefied: relufy the dense model, train it, then moefy convert it"
         )
-    if args.fraction is not None and args.tau is not None:
-        raise MoefyError("give --fraction (top-k) or --tau (dynamic k), not both")
-    if args.fraction is not None or args.tau is not None:
+    if args.keep is not None and args.tau is not None:
+        raise MoefyError(f"give {keep_option(args)} (top-k) or --tau (dynamic k), not both")
+    if args.keep is not None or args.tau is not None:
         from moefy.routing import set_routing
 
         if args.tau is not None:
             set_routing(model, "dynamic", tau=args.tau)
         else:
-            set_routing(model, "topk", fraction=args.fraction)
+            set_routing(model, "topk", keep=args.keep)
     return True
 
 
@@ -189,14 +195,49 @@ def _run(args: argparse.Namespace) -> int:
 
     from moefy import dist
     from moefy.cli.args import device_and_dtype
-    from moefy.cli.show import console, esc, print_table, status
+    from moefy.cli.show import console, esc, status
     from moefy.data.text import load_text
-    from moefy.finetune import FinetuneConfig, finetune, relufy_
-    from moefy.finetune.train import CHECKPOINT_DIR, CHECKPOINT_FILE
-    from moefy.io import write_json
+    from moefy.finetune import finetune
+    from moefy.finetune.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
     from moefy.models.load import load_model
 
-    config = FinetuneConfig(
+    config = _finetune_config(args)
+    device, dtype = device_and_dtype(args)
+    dist.init_from_env(device)
+    main = dist.is_main_process()
+    out = Path(args.out)
+    with status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    routed = _set_moe_routing(model, args)
+    text = load_text(args.data)
+    train_blocks = text.blocks(tokenizer, "calibration", args.block_len, args.tokens)
+    eval_blocks = (
+        text.blocks(tokenizer, "evaluation", args.block_len, args.eval_tokens)
+        if args.eval_tokens > 0
+        else None
+    )
+    before = _measure(model, eval_blocks, args.batch_size) if eval_blocks is not None else {}
+    teacher = _teacher(model, args, routed)
+    if args.relufy:
+        _relufy(model, args, eval_blocks, before, main)
+    resuming = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+    if main and resuming:
+        console().print(f"resuming from {esc(out / CHECKPOINT_DIR)}")
+    report = finetune(model, train_blocks, config, out=out, teacher=teacher, progress=main)
+    after = _measure(model, eval_blocks, args.batch_size) if eval_blocks is not None else {}
+    if not main:
+        return 0
+    _save_model(model, tokenizer, out)
+    _write_report(args, out, report, routed=routed, before=before, after=after)
+    console().print(f"model written to [bold]{esc(out)}[/bold] (train_log.csv, {REPORT_FILE})")
+    return 0
+
+
+def _finetune_config(args: argparse.Namespace):
+    """The :class:`moefy.finetune.FinetuneConfig` the options ask for."""
+    from moefy.finetune import FinetuneConfig
+
+    return FinetuneConfig(
         max_steps=args.steps,
         max_tokens=args.train_tokens,
         minutes=args.minutes,
@@ -215,45 +256,39 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    device, dtype = device_and_dtype(args)
-    dist.init_from_env(device)
-    main = dist.is_main_process()
-    out = Path(args.out)
-    with status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    routed = _set_moe_routing(model, args)
-    text = load_text(args.data)
-    train_blocks = text.blocks(tokenizer, "calibration", args.block_len, args.tokens)
-    eval_blocks = (
-        text.blocks(tokenizer, "evaluation", args.block_len, args.eval_tokens)
-        if args.eval_tokens > 0
-        else None
-    )
-    before = _measure(model, eval_blocks, args.batch_size) if eval_blocks is not None else {}
-    teacher = None
-    if args.distill > 0:
-        import copy
 
-        from moefy.finetune.moe_aware import all_experts_teacher
 
-        # the original model, before any change (moefied: every expert running, i.e. dense)
-        teacher = all_experts_teacher(model) if routed else copy.deepcopy(model)
-    if args.relufy:
-        layers = relufy_(model, threshold=args.fatrelu)
-        if main:
-            console().print(f"relufied {layers} FFN layers")
-        if eval_blocks is not None:
-            before["relufied_perplexity"] = _measure(model, eval_blocks, args.batch_size)[
-                "perplexity"
-            ]
-    resuming = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
-    if main and resuming:
-        console().print(f"resuming from {esc(out / CHECKPOINT_DIR)}")
-    report = finetune(model, train_blocks, config, out=out, teacher=teacher, progress=main)
-    after = _measure(model, eval_blocks, args.batch_size) if eval_blocks is not None else {}
-    if not main:
-        return 0
-    _save_model(model, tokenizer, out)
+def _teacher(model, args: argparse.Namespace, routed: bool):
+    """The distillation teacher: the original model, before any change (moefied: every expert
+    running, i.e. dense); None without ``--distill``."""
+    if args.distill <= 0:
+        return None
+    import copy
+
+    from moefy.finetune.moe_aware import all_experts_teacher
+
+    return all_experts_teacher(model) if routed else copy.deepcopy(model)
+
+
+def _relufy(model, args: argparse.Namespace, eval_blocks, before: dict, main: bool) -> None:
+    """Swap the FFN activations for (FAT)ReLU; the untrained perplexity goes into ``before``."""
+    from moefy.cli.show import console
+    from moefy.finetune import relufy_
+
+    layers = relufy_(model, threshold=args.fatrelu)
+    if main:
+        console().print(f"relufied {layers} FFN layers")
+    if eval_blocks is not None:
+        before["relufied_perplexity"] = _measure(model, eval_blocks, args.batch_size)["perplexity"]
+
+
+def _write_report(
+    args: argparse.Namespace, out, report, *, routed: bool, before: dict, after: dict
+) -> None:
+    """Write :data:`REPORT_FILE` and print the before / after table."""
+    from moefy.cli.show import print_table
+    from moefy.io import write_json
+
     summary = {
         "model": args.model,
         "data": args.data,
@@ -266,23 +301,22 @@ def _run(args: argparse.Namespace) -> int:
         "report": report.to_dict(),
     }
     write_json(out / REPORT_FILE, summary)
-    if before and after:
-        rows = []
-        for name, figures in (("before", before), ("after", after)):
-            row = {"": name, "perplexity": figures["perplexity"]}
-            if args.relufy:
-                row["relufied, untrained"] = figures.get("relufied_perplexity")
-            row["exact zeros"] = f"{figures['exact_zero']:.1%}"
-            if routed:
-                row["active experts"] = f"{figures['active_experts']:.1%}"
-            rows.append(row)
-        print_table(
-            f"{args.model} on {args.data}: {report.steps} steps, {report.tokens} tokens, "
-            f"{report.seconds / 60:.1f} min (stopped by {report.stopped_by})",
-            rows,
-        )
-    console().print(f"model written to [bold]{esc(out)}[/bold] (train_log.csv, {REPORT_FILE})")
-    return 0
+    if not (before and after):
+        return
+    rows = []
+    for name, figures in (("before", before), ("after", after)):
+        row = {"": name, "perplexity": figures["perplexity"]}
+        if args.relufy:
+            row["relufied, untrained"] = figures.get("relufied_perplexity")
+        row["exact zeros"] = f"{figures['exact_zero']:.1%}"
+        if routed:
+            row["active experts"] = f"{figures['active_experts']:.1%}"
+        rows.append(row)
+    print_table(
+        f"{args.model} on {args.data}: {report.steps} steps, {report.tokens} tokens, "
+        f"{report.seconds / 60:.1f} min (stopped by {report.stopped_by})",
+        rows,
+    )
 
 
 def _save_model(model, tokenizer, out) -> None:

@@ -6,11 +6,11 @@ import argparse
 
 from moefy.cli.args import (
     add_device_and_dtype,
+    add_eval_tokens,
     add_model_and_data,
     add_output,
-    claimed_output,
     device_and_dtype,
-    positive_int,
+    run_claimed,
 )
 
 HELP = "score every block, attention and MLP layer by redundancy (LLM-Drop similarity, perplexity)"
@@ -28,18 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure the evaluation perplexity with each part removed on its own "
         "(three perplexity runs per block: slow on deep models)",
     )
-    parser.add_argument(
-        "--eval-tokens",
-        type=positive_int,
-        default=4096,
-        help="tokens of evaluation text for --perplexity",
-    )
+    add_eval_tokens(parser, "tokens of evaluation text for --perplexity", default=4096)
     add_output(parser, "output folder (JSON and plots)", default="runs/layers")
 
 
 def run(args: argparse.Namespace) -> int:
-    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
-        return _run(args)
+    return run_claimed(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from moefy.cli.args import (
     add_device_and_dtype,
     add_model_and_data,
     add_output,
-    claimed_output,
     device_and_dtype,
     open_unit_float,
+    run_claimed,
 )
 
 HELP = "measure activation sparsity per FFN layer; write a profile, a table and plots"
@@ -43,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
-        return _run(args)
+    return run_claimed(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -7,17 +7,21 @@ import argparse
 from moefy.cli.args import (
     RESULTS_HELP,
     add_device_and_dtype,
+    add_eval_tokens,
+    add_keep_option,
     add_model_and_data,
     add_output,
-    claimed_output,
     device_and_dtype,
     float_list,
-    non_negative_int,
+    keep_option,
     positive_int,
+    run_claimed,
 )
 
 # The training report, written next to the routed model (not needed to load it).
 REPORT_FILE = "router_report.json"
+# moefy.routing.quality.DEFAULT_KEEP, spelled out so that --help does not import torch
+DEFAULT_KEEP = (0.5, 0.25, 0.125)
 
 HELP = "train a router per MoE layer (mlp, linear or centroid), save the model, rate the routers"
 
@@ -46,17 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     add_output(parser, "output folder of the model", default="runs/moe-routed")
-    parser.add_argument(
-        "--eval-tokens",
-        type=non_negative_int,
+    add_eval_tokens(
+        parser,
+        "evaluation tokens for the perplexity table (0: skip evaluation)",
         default=0,
-        help="evaluation tokens for the perplexity table (0: skip evaluation)",
+        may_skip=True,
     )
-    parser.add_argument(
-        "--fractions",
+    add_keep_option(
+        parser,
+        former="--fractions",
         type=float_list,
-        default=(0.5, 0.25, 0.125),
-        help="comma-separated top-k shares of experts to evaluate",
+        default=DEFAULT_KEEP,
+        help="comma-separated shares of experts kept per token (top-k) to evaluate",
     )
     parser.add_argument(
         "--taus",
@@ -81,34 +86,19 @@ def run(args: argparse.Namespace) -> int:
     if os.path.realpath(args.out) == os.path.realpath(args.results):
         raise MoefyError(f"--out and --results both name {args.out}: give them different paths")
     check_results_file(args.results)  # rows are added at the end, under a lock of their own
-    with claimed_output(args, "folder"):  # checked before any work, locked while it runs
-        return _run(args)
+    return run_claimed(args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from moefy.cli.show import console, esc, print_table, status
+    from moefy.cli.show import status
     from moefy.data.text import load_text
     from moefy.dist import init_from_env, is_main_process
     from moefy.errors import MoefyError
     from moefy.models.load import load_model
-    from moefy.moe import moe_layers, save
-    from moefy.routing import RouterConfig, route_quality, train_routers
+    from moefy.moe import moe_layers
+    from moefy.routing import train_routers
 
-    if any(not 0.0 < v <= 1.0 for v in (*args.fractions, *args.taus)):
-        raise MoefyError("--fractions and --taus must lie in (0, 1]")
-    config = RouterConfig(
-        router=args.router,
-        hidden=args.hidden,
-        loss=args.loss,
-        epochs=args.epochs,
-        tokens_per_layer=args.tokens,
-        forward_batch_size=args.batch_size,
-        seed=args.seed,
-        rounds=args.rounds,
-    )
+    config = _router_config(args)
     device, dtype = device_and_dtype(args)
     init_from_env(device)
     main = is_main_process()
@@ -120,77 +110,120 @@ def _run(args: argparse.Namespace) -> int:
         calibration = text.blocks(tokenizer, "calibration", args.block_len, args.tokens)
     report = train_routers(model, calibration, config, progress=main)
     if main:
-        print_table(
-            f"{args.router} routers on {report.n_tokens} tokens of {args.data} "
-            f"({report.seconds:.0f} s): held-out quality at top "
-            f"{100 * config.report_fraction:g} % of experts",
-            report.rows(),
-        )
-        out = save(model, Path(args.out), tokenizer=tokenizer, overwrite=args.overwrite)
-        (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
-        console().print(f"routed model and {REPORT_FILE} written to [bold]{esc(out)}[/bold]")
+        _show_and_save(args, model, tokenizer, report, config)
     if args.eval_tokens > 0:
-        from moefy.eval.perplexity import perplexity
-        from moefy.moe import set_selection
-
         evaluation = text.blocks(tokenizer, "evaluation", args.block_len, args.eval_tokens)
-        layers = moe_layers(model)
-        previous = [moe.selector.to_dict() for moe in layers]
-        set_selection(model)  # every expert: the dense reference
-        dense = perplexity(model, evaluation, batch_size=args.batch_size).perplexity
-        rows = route_quality(
-            model,
-            evaluation,
-            fractions=args.fractions,
-            taus=args.taus,
-            dense_perplexity=dense,
-            batch_size=args.batch_size,
-            progress=main,
-        )
-        recall = report.mean_recall
-        for row in rows:
-            row["recall"] = recall
-        if args.oracle:
-            from moefy.moe import OracleSelector
-
-            routers = [moe.selector for moe in layers]
-            for moe in layers:
-                moe.selector = OracleSelector(moe.num_experts)
-            try:
-                rows += route_quality(
-                    model,
-                    evaluation,
-                    fractions=args.fractions,
-                    taus=args.taus,
-                    dense_perplexity=dense,
-                    batch_size=args.batch_size,
-                    progress=main,
-                )
-            finally:
-                for moe, router in zip(layers, routers, strict=True):
-                    moe.selector = router
-        for moe, old in zip(layers, previous, strict=True):
-            moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
-        oracle = {(r["rule"], r["level"]): r["perplexity"] for r in rows if "oracle" in r["method"]}
-        for row in rows:
-            row.update(model=args.model, data=args.data, eval_tokens=evaluation.n_tokens)
+        rows, dense = _quality_rows(args, model, evaluation, report.mean_recall, main)
         if main:
-            from moefy.results import add_rows
-
-            add_rows(args.results, rows)
-            shown = [
-                {
-                    "method": r["method"],
-                    "active %": 100 * r["active_fraction"],
-                    "FFN FLOPs %": 100 * r["ffn_flops_ratio"],
-                    "perplexity": r["perplexity"],
-                    "x dense": r["ppl_ratio"],
-                    "x oracle": r["perplexity"] / oracle[(r["rule"], r["level"])]
-                    if (r["rule"], r["level"]) in oracle
-                    else float("nan"),
-                }
-                for r in rows
-            ]
-            print_table(f"{args.router} routers: perplexity (dense {dense:.3f})", shown)
-            console().print(f"rows added to [bold]{esc(args.results)}[/bold]")
+            _add_and_show(args, rows, dense)
     return 0
+
+
+def _router_config(args: argparse.Namespace):
+    """The :class:`moefy.routing.RouterConfig` the options ask for (budgets checked first)."""
+    from moefy.errors import MoefyError
+    from moefy.routing import RouterConfig
+
+    if any(not 0.0 < v <= 1.0 for v in (*args.keep, *args.taus)):
+        raise MoefyError(f"{keep_option(args)} and --taus must lie in (0, 1]")
+    return RouterConfig(
+        router=args.router,
+        hidden=args.hidden,
+        loss=args.loss,
+        epochs=args.epochs,
+        tokens_per_layer=args.tokens,
+        forward_batch_size=args.batch_size,
+        seed=args.seed,
+        rounds=args.rounds,
+    )
+
+
+def _show_and_save(args: argparse.Namespace, model, tokenizer, report, config) -> None:
+    """Print the training report, write the routed model and the report beside it."""
+    import json
+    from pathlib import Path
+
+    from moefy.cli.show import console, esc, print_table
+    from moefy.moe import save
+
+    print_table(
+        f"{args.router} routers on {report.n_tokens} tokens of {args.data} "
+        f"({report.seconds:.0f} s): held-out quality at top "
+        f"{100 * config.report_fraction:g} % of experts",
+        report.rows(),
+    )
+    out = save(model, Path(args.out), tokenizer=tokenizer, overwrite=args.overwrite)
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+    console().print(f"routed model and {REPORT_FILE} written to [bold]{esc(out)}[/bold]")
+
+
+def _quality_rows(args: argparse.Namespace, model, evaluation, recall: float, main: bool):
+    """Perplexity rows of the routers (and of the oracle with ``--oracle``) at every budget,
+    with the dense perplexity; the layers' top-k settings are put back after."""
+    from moefy.eval.perplexity import perplexity
+    from moefy.moe import moe_layers, set_selection
+    from moefy.routing import route_quality
+
+    layers = moe_layers(model)
+    previous = [moe.selector.to_dict() for moe in layers]
+    set_selection(model)  # every expert: the dense reference
+    dense = perplexity(model, evaluation, batch_size=args.batch_size).perplexity
+    settings = {
+        "keep": args.keep,
+        "taus": args.taus,
+        "dense_perplexity": dense,
+        "batch_size": args.batch_size,
+        "progress": main,
+    }
+    rows = route_quality(model, evaluation, **settings)
+    for row in rows:
+        row["recall"] = recall
+    if args.oracle:
+        rows += _oracle_rows(model, evaluation, settings)
+    for moe, old in zip(layers, previous, strict=True):
+        moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
+    for row in rows:
+        row.update(model=args.model, data=args.data, eval_tokens=evaluation.n_tokens)
+    return rows, dense
+
+
+def _oracle_rows(model, evaluation, settings: dict) -> list[dict]:
+    """:func:`moefy.routing.route_quality` rows with oracle selection at the same budgets; the
+    routers are put back after."""
+    from moefy.moe import OracleSelector, moe_layers
+    from moefy.routing import route_quality
+
+    layers = moe_layers(model)
+    routers = [moe.selector for moe in layers]
+    for moe in layers:
+        moe.selector = OracleSelector(moe.num_experts)
+    try:
+        return route_quality(model, evaluation, **settings)
+    finally:
+        for moe, router in zip(layers, routers, strict=True):
+            moe.selector = router
+
+
+def _add_and_show(args: argparse.Namespace, rows: list[dict], dense: float) -> None:
+    """Add the rows to ``--results`` and print them, each against the dense model and the
+    oracle at the same budget."""
+    from moefy.cli.show import console, esc, print_table
+    from moefy.results import add_rows
+
+    oracle = {(r["rule"], r["level"]): r["perplexity"] for r in rows if "oracle" in r["method"]}
+    add_rows(args.results, rows)
+    shown = [
+        {
+            "method": r["method"],
+            "active %": 100 * r["active_fraction"],
+            "FFN FLOPs %": 100 * r["ffn_flops_ratio"],
+            "perplexity": r["perplexity"],
+            "x dense": r["ppl_ratio"],
+            "x oracle": r["perplexity"] / oracle[(r["rule"], r["level"])]
+            if (r["rule"], r["level"]) in oracle
+            else float("nan"),
+        }
+        for r in rows
+    ]
+    print_table(f"{args.router} routers: perplexity (dense {dense:.3f})", shown)
+    console().print(f"rows added to [bold]{esc(args.results)}[/bold]")

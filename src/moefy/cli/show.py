@@ -82,3 +82,13 @@ def print_table(title: str, rows: Sequence[Mapping[str, object]]) -> None:
     for row in rows:
         table.add_row(*(esc(_cell(v)) for v in row.values()))
     console().print(table)
+
+
+def print_report(items: Sequence[object]) -> None:
+    """Print a library report: each text as a line, each table (an object with ``title`` and
+    ``rows``, as :class:`moefy.bench.report.Table`) with :func:`print_table`."""
+    for item in items:
+        if isinstance(item, str):
+            console().print(esc(item))
+        else:
+            print_table(item.title, item.rows)

@@ -7,9 +7,11 @@ import argparse
 from moefy.cli.args import (
     RESULTS_HELP,
     add_device_and_dtype,
+    add_keep_option,
     add_model_and_data,
     device_and_dtype,
     float_list,
+    keep_option,
     positive_int,
 )
 
@@ -25,11 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="random,params,coactivation",
         help="comma-separated split methods",
     )
-    parser.add_argument(
-        "--fractions",
+    add_keep_option(
+        parser,
+        former="--fractions",
         type=float_list,
         default=(0.5, 0.25, 0.125),
-        help="comma-separated shares of experts per token",
+        help="comma-separated shares of experts kept per token",
     )
     parser.add_argument(
         "--profile", default=None, help="profile folder with co-activation counts (coactivation)"
@@ -67,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         raise MoefyError(
             "--methods coactivation needs --profile (run moefy profile --coactivation)"
         )
-    if any(not 0.0 < f <= 1.0 for f in args.fractions) or not args.fractions:
-        raise MoefyError(f"--fractions must lie in (0, 1], got {args.fractions}")
+    if any(not 0.0 < share <= 1.0 for share in args.keep) or not args.keep:
+        raise MoefyError(f"{keep_option(args)} must lie in (0, 1], got {args.keep}")
     device, dtype = device_and_dtype(args)
     profile = SparsityProfile.load(args.profile) if args.profile else None
     text = load_text(args.data)  # a bad --data fails before the model loads
@@ -87,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         model,
         blocks,
         methods,
-        args.fractions,
+        args.keep,
         num_experts=args.experts,
         profile=profile,
         batch_size=args.batch_size,
@@ -99,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     shown = [
         {
             "method": r["method"],
-            "experts %": 100 * r["level"],
+            "keep %": 100 * r["level"],
             "measured active %": 100 * r["active_fraction"],
             "FFN FLOPs %": 100 * r["ffn_flops_ratio"],
             "perplexity": r["perplexity"],

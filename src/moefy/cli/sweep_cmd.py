@@ -15,8 +15,6 @@ from moefy.cli.args import (
 
 HELP = "evaluate many methods at several levels on the same text; write report.html"
 
-DEFAULT_METHODS = "dense,moe-oracle,teal,cats,chess,wina,topk"
-
 
 def _method_levels(text: str) -> tuple[str, tuple[float, ...]]:
     """argparse type: ``METHOD=L1,L2``."""
@@ -72,16 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser, tokens=8192)
     parser.add_argument(
         "--methods",
-        default=DEFAULT_METHODS,
-        help="comma-separated methods: dense, moe-oracle, moe-mlp, moe-linear, moe-centroid, "
-        "moe-dynk, teal, cats, chess, wina, topk, drop-attn, drop-mlp, drop-block, skip",
+        default=None,
+        help="comma-separated methods: dense, the moe-* methods (oracle, routers, dynk), every "
+        "method of moefy sparsify --method, and the layer methods; an unknown name lists them "
+        "all (default: dense, moe-oracle and every moefy sparsify method)",
     )
     parser.add_argument(
         "--levels",
         type=float_list,
         default=(),
-        help="kept share of the FFN for every FFN method, e.g. 0.5,0.25 (fraction of experts; "
-        "1 - target sparsity for thresholds); default: each method's own levels",
+        help="keep (share of the FFN kept) for every FFN method, e.g. 0.5,0.25: the share of "
+        "experts, or 1 - sparsity for thresholds; default: each method's own levels",
     )
     parser.add_argument(
         "--level",
@@ -120,8 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     from moefy.cli.show import console, esc, print_table
     from moefy.errors import MoefyError
     from moefy.sweep import SweepConfig, headline, sweep
+    from moefy.sweep.methods import default_method_names
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    given = args.methods if args.methods is not None else ",".join(default_method_names())
+    methods = tuple(m.strip() for m in given.split(",") if m.strip())
     named = [name for name, _ in args.level]
     twice = sorted({name for name in named if named.count(name) > 1})
     if twice:
@@ -147,7 +148,8 @@ def _run(args: argparse.Namespace) -> int:
     main = dist.is_main_process()
     if main:
         console().print(f"sweep: {len(config.plan())} evaluations into {esc(args.out)}")
-    result = sweep(config, args.out, progress=main, overwrite=args.overwrite)
+    on_row = _print_row if main else None
+    result = sweep(config, args.out, progress=main, overwrite=args.overwrite, on_row=on_row)
     if not main:
         return 0
     print_table(
@@ -167,6 +169,20 @@ def _run(args: argparse.Namespace) -> int:
             )
     console().print(f"report: [bold]{esc(result.report)}[/bold]")
     return 0
+
+
+def _print_row(row: dict) -> None:
+    """One line per (method, level) as soon as the sweep has evaluated it."""
+    from moefy.cli.show import console
+
+    level = "" if row["level"] is None else f" {row['level']:g}"
+    flops = row.get("ffn_flops_fraction")
+    ppl = row.get("perplexity")
+    console().print(
+        f"  {row['method']}{level}: FFN FLOPs "
+        f"{'n/a' if flops is None else f'{flops:.1%}'}, perplexity "
+        f"{'n/a' if ppl is None else f'{ppl:.2f}'} ({row['seconds']:.0f} s)"
+    )
 
 
 def _table_row(row: dict) -> dict:

@@ -25,6 +25,7 @@ import torch
 from moefy.data.blocks import TokenBlocks
 from moefy.data.sources import BUILTIN_TEXTS
 from moefy.errors import MoefyError
+from moefy.validate import is_int
 
 SPLITS = ("calibration", "evaluation")
 DEFAULT_EVAL_FRACTION = 0.1
@@ -162,9 +163,9 @@ class TextSource:
             torch.Size([8, 128])
         """
         _check_split(split)
-        if not _is_int(block_len) or block_len < MIN_BLOCK_LEN:
+        if not is_int(block_len) or block_len < MIN_BLOCK_LEN:
             raise MoefyError(f"block_len must be an integer >= {MIN_BLOCK_LEN}, got {block_len!r}")
-        if n_tokens is not None and (not _is_int(n_tokens) or n_tokens <= 0):
+        if n_tokens is not None and (not is_int(n_tokens) or n_tokens <= 0):
             raise MoefyError(f"n_tokens must be a positive integer or None, got {n_tokens!r}")
         if tokenizer is None:
             raise MoefyError(
@@ -282,10 +283,6 @@ def _make_source(name: str, documents: list[str], labels: list[str] | None) -> T
         documents=[documents[i] for i in keep],
         labels=None if labels is None else [labels[i] for i in keep],
     )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_split(which: str) -> None:

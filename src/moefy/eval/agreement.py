@@ -154,70 +154,106 @@ def score_lm(
     Example:
         >>> scores, cost = score_lm(model, blocks, reference=dense_reference(dense, blocks, 2048))
     """
-    from tqdm.auto import tqdm
-
     _check_causal(model, blocks)
     if batch_size < 1:
         raise MoefyError(f"batch size must be >= 1, got {batch_size}")
     rank, world = rank_and_world()
     shard = blocks.shard(rank, world)
     device = next(model.parameters()).device
-    n_ref = 0
-    if reference is not None:
-        n_ref = reference.num_blocks
-        if n_ref and not torch.equal(reference.input_ids, shard.input_ids[:n_ref]):
-            raise MoefyError(
-                "the dense reference was taken on other blocks: build it from the same evaluation "
-                "text, block length and number of processes"
-            )
-    # [NLL sum, predictions, top-1 matches, KL sum, compared positions]
-    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    _check_reference(reference, shard)
     was_training = model.training
     model.eval()
-    done = 0
     try:
-        with torch.no_grad(), measure_cost(model) as meter:
-            for input_ids in tqdm(
-                shard.batches(batch_size),
-                total=math.ceil(shard.num_blocks / batch_size),
-                desc="evaluate",
-                unit="batch",
-                disable=not progress or rank != 0,
-            ):
-                input_ids = input_ids.to(device)  # (B, T)
-                meter.add_tokens(input_ids.numel())
-                log_probs = _log_probs(model, input_ids)  # (B, T-1, V)
-                targets = input_ids[:, 1:]
-                nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-                totals[0] += nll.double().sum()
-                totals[1] += targets.numel()
-                batch = input_ids.shape[0]
-                take = max(0, min(batch, n_ref - done))
-                if take:
-                    dense = reference.log_probs[done : done + take].to(device).float()
-                    mine = log_probs[:take]
-                    totals[2] += (dense.argmax(-1) == mine.argmax(-1)).sum().double()
-                    kl = (dense.exp() * (dense - mine)).sum(-1)  # (take, T-1)
-                    totals[3] += kl.double().sum()
-                    totals[4] += kl.numel()
-                done += batch
-        cost = meter.result() if meter.tokens else None
+        totals, cost = _score_shard(
+            model, shard, batch_size, reference, device, progress=progress and rank == 0
+        )
     finally:
         model.train(was_training)
     all_reduce_sum_(totals)
-    cost = _reduce_cost(cost, device)
-    n_tokens = int(totals[1])
-    compared = int(totals[4])
-    ppl, mean_nll = finite_perplexity(float(totals[0]), n_tokens)
-    scores = LMScores(
+    return _lm_scores(totals), _reduce_cost(cost, device)
+
+
+def _check_reference(reference: DenseReference | None, shard: TokenBlocks) -> None:
+    """The reference must have been taken on the first blocks of this rank's shard."""
+    if reference is None or not reference.num_blocks:
+        return
+    if not torch.equal(reference.input_ids, shard.input_ids[: reference.num_blocks]):
+        raise MoefyError(
+            "the dense reference was taken on other blocks: build it from the same evaluation "
+            "text, block length and number of processes"
+        )
+
+
+# the sums score_lm keeps per rank, in float64, as the indices of its (5,) totals
+_NLL, _PREDICTED, _TOP1_MATCHES, _KL, _COMPARED = range(5)
+
+
+def _score_shard(
+    model: nn.Module,
+    shard: TokenBlocks,
+    batch_size: int,
+    reference: DenseReference | None,
+    device: torch.device,
+    *,
+    progress: bool,
+) -> tuple[torch.Tensor, Cost | None]:
+    """This rank's (5,) float64 sums (see ``_NLL`` ...) and measured cost (None without
+    tokens), in one no-grad pass over ``shard``."""
+    from tqdm.auto import tqdm
+
+    n_ref = 0 if reference is None else reference.num_blocks
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    done = 0
+    with torch.no_grad(), measure_cost(model) as meter:
+        for input_ids in tqdm(
+            shard.batches(batch_size),
+            total=math.ceil(shard.num_blocks / batch_size),
+            desc="evaluate",
+            unit="batch",
+            disable=not progress,
+        ):
+            input_ids = input_ids.to(device)  # (B, T)
+            meter.add_tokens(input_ids.numel())
+            log_probs = _log_probs(model, input_ids)  # (B, T-1, V)
+            targets = input_ids[:, 1:]
+            nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            totals[_NLL] += nll.double().sum()
+            totals[_PREDICTED] += targets.numel()
+            batch = input_ids.shape[0]
+            take = max(0, min(batch, n_ref - done))
+            if take:
+                dense = reference.log_probs[done : done + take].to(device).float()
+                _add_agreement(totals, dense, log_probs[:take])
+            done += batch
+    return totals, meter.result() if meter.tokens else None
+
+
+def _add_agreement(totals: torch.Tensor, dense: torch.Tensor, mine: torch.Tensor) -> None:
+    """Add top-1 matches, KL(dense || mine) and positions compared to ``totals``.
+
+    Args:
+        totals: (5,) float64 sums, changed in place.
+        dense, mine: (b, T-1, V) log-probabilities of the dense and evaluated models.
+    """
+    totals[_TOP1_MATCHES] += (dense.argmax(-1) == mine.argmax(-1)).sum().double()
+    kl = (dense.exp() * (dense - mine)).sum(-1)  # (b, T-1)
+    totals[_KL] += kl.double().sum()
+    totals[_COMPARED] += kl.numel()
+
+
+def _lm_scores(totals: torch.Tensor) -> LMScores:
+    """:class:`LMScores` from the (5,) sums of every rank."""
+    n_tokens = int(totals[_PREDICTED])
+    compared = int(totals[_COMPARED])
+    ppl, mean_nll = finite_perplexity(float(totals[_NLL]), n_tokens)
+    return LMScores(
         perplexity=ppl,
         nll=mean_nll,
         n_tokens=n_tokens,
-        top1_agreement=float(totals[2]) / compared if compared else None,
-        kl_to_dense=float(totals[3]) / compared if compared else None,
+        top1_agreement=float(totals[_TOP1_MATCHES]) / compared if compared else None,
+        kl_to_dense=float(totals[_KL]) / compared if compared else None,
         agreement_tokens=compared,
     )
-    return scores, cost
 
 
 def _reduce_cost(cost: Cost | None, device: torch.device) -> Cost:

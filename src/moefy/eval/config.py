@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 from moefy.errors import MoefyError
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import JsonConfig
+from moefy.validate import check_int
 
 CONFIG_VERSION = 1
+# settings that count something: integers >= 1
+_COUNTS = (
+    "tokens",
+    "agreement_tokens",
+    "batch_size",
+    "classify_examples",
+    "probe_examples",
+    "max_doc_tokens",
+)
 
 # What evaluate() can measure. Cost (FLOPs and bytes per token) is always measured.
 TASKS = ("perplexity", "agreement", "bbc-topic", "tweet-sentiment")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(JsonConfig):
     """What :func:`moefy.evaluate` measures and on how much text.
 
     Attributes:
@@ -54,6 +62,8 @@ class EvalConfig:
     seed: int = 0
     version: int = CONFIG_VERSION
 
+    VERSION: ClassVar[int] = CONFIG_VERSION
+
     def __post_init__(self) -> None:
         tasks = tuple(self.tasks) if isinstance(self.tasks, (list, tuple)) else None
         if tasks is None or not tasks:
@@ -62,59 +72,8 @@ class EvalConfig:
         if unknown:
             raise MoefyError(f"EvalConfig: unknown task(s) {unknown}; known: {list(TASKS)}")
         object.__setattr__(self, "tasks", tasks)
-        for name in (
-            "tokens",
-            "agreement_tokens",
-            "batch_size",
-            "classify_examples",
-            "probe_examples",
-            "max_doc_tokens",
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise MoefyError(f"EvalConfig.{name} must be an integer >= 1, got {value!r}")
-        if not _is_int(self.block_len) or self.block_len < 2:
-            raise MoefyError(
-                f"EvalConfig.block_len must be an integer >= 2, not {self.block_len!r}"
-            )
-        if not _is_int(self.seed):
-            raise MoefyError(f"EvalConfig.seed must be an integer, got {self.seed!r}")
-        if self.version != CONFIG_VERSION:
-            raise MoefyError(
-                f"EvalConfig version {self.version!r} is not supported (this moefy reads "
-                f"version {CONFIG_VERSION})"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        data = dataclasses.asdict(self)
-        data["tasks"] = list(self.tasks)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
-        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise MoefyError(f"EvalConfig.from_dict needs a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MoefyError(f"EvalConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """The config as a JSON string."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> EvalConfig:
-        """Rebuild a config from :meth:`to_json` output."""
-        try:
-            data = loads_json(text)
-        except json.JSONDecodeError as err:
-            raise MoefyError(f"EvalConfig: not valid JSON ({err})") from None
-        return cls.from_dict(data)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        for name in _COUNTS:
+            check_int(f"EvalConfig.{name}", getattr(self, name), minimum=1)
+        check_int("EvalConfig.block_len", self.block_len, minimum=2)
+        check_int("EvalConfig.seed", self.seed)
+        self.check_version()

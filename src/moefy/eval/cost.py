@@ -4,12 +4,12 @@ Counting convention (the one :mod:`moefy.moe.flops` uses, so all methods compare
     - a linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) costs ``2 * I * O`` per row, ``+ O``
       with a bias;
     - an FFN activation costs one FLOP per neuron, and the gating product ``act(g) * u`` one more;
-    - a MoE layer reports its own FLOPs from its selection tally (selected experts + router);
-    - a sparse wrapper's skipped weights (its measured zeros times the weights each zero skips)
-      are taken off the dense count of the layer it wraps, 2 FLOPs per skipped weight.
+    - a module moefy swapped in reports its own FLOPs through the cost protocol of
+      :mod:`moefy.cost` (a MoE layer from its selection tally, selected experts + router; a
+      sparse wrapper the dense count of the layer it wraps less 2 FLOPs per skipped weight; a
+      dropped layer nothing), counted as FFN or other by where it sits.
     Attention score products (``QK^T``, ``AV``) depend on the context length and are not counted;
-    neither are norms, embeddings and residual additions. A dropped layer runs nothing, so it
-    costs nothing.
+    neither are norms, embeddings and residual additions.
 
 ``weight_bytes_per_token`` is the weight memory a batch-1 step reads: each multiply-add reads one
 weight, so it is ``FLOPs / 2 * bytes per weight`` over the counted layers.
@@ -20,7 +20,7 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from moefy.moe.flops import FLOPS_PER_MULTIPLY_ADD
+from moefy.cost import FLOPS_PER_MULTIPLY_ADD, MeasuredModule, swapped_modules
 
 FFN, OTHER = "ffn", "other"
 
@@ -116,12 +116,17 @@ def _in_ffn(path: str, prefixes: set[str]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
+def _held_by(path: str, roots: Iterable[str]) -> bool:
+    """True when module ``path`` is one of ``roots`` or inside one ("" is the whole model)."""
+    return any(root == "" or path == root or path.startswith(root + ".") for root in roots)
+
+
 class CostMeter:
     """Counts FLOPs per category while a model runs; use :func:`measure_cost`.
 
     Attributes:
-        flops: ``{"ffn": float, "other": float}`` FLOPs counted so far (MoE and sparse-wrapper
-            corrections are applied by :meth:`result`).
+        flops: ``{"ffn": float, "other": float}`` FLOPs of the plain layers counted so far (the
+            swapped modules' own figures are added by :meth:`result`).
         tokens: tokens added with :meth:`add_tokens`.
     """
 
@@ -130,8 +135,7 @@ class CostMeter:
         self.flops = {FFN: 0.0, OTHER: 0.0}
         self.tokens = 0
         self._handles: list[RemovableHandle] = []
-        self._moe: list[nn.Module] = []
-        self._sparse: list[tuple[nn.Module, str]] = []
+        self._swapped: list[tuple[MeasuredModule, str]] = []  # (module, category)
         parameter = next(model.parameters(), None)
         self.bytes_per_weight = parameter.element_size() if parameter is not None else 4
 
@@ -146,30 +150,17 @@ class CostMeter:
         self._handles.append(module.register_forward_hook(hook))
 
     def attach(self) -> None:
-        """Register the hooks and reset the MoE tallies and sparse counters."""
-        from moefy.moe.module import MoEFFN
-        from moefy.sparsify.wrappers import SparseModule
-
+        """Register the hooks and reset the counters of the swapped modules."""
         prefixes, activations = ffn_part_paths(self.model)
-        skip: list[str] = []  # subtrees counted by their owner
+        swapped = dict(swapped_modules(self.model))
+        for path, module in swapped.items():
+            module.reset_counters()
+            self._swapped.append((module, FFN if _in_ffn(path, prefixes) else OTHER))
         for path, module in self.model.named_modules():
-            if any(path.startswith(s + ".") for s in skip):
-                continue
+            if _held_by(path, swapped):
+                continue  # counted by the swapped module that holds it
             category = FFN if _in_ffn(path, prefixes) else OTHER
-            if isinstance(module, MoEFFN):
-                module.reset_tally()
-                self._moe.append(module)
-                skip.append(path)
-            elif isinstance(module, SparseModule):
-                module.reset_counters()
-                self._sparse.append((module, category))
-                base = module.base_layer
-                if _is_linear(base):
-                    self._hook(module, category, _rows_counter(base))
-                elif path in activations:
-                    self._hook(module, category, _activation_counter(activations[path]))
-                skip.append(path)
-            elif _is_linear(module):
+            if _is_linear(module):
                 self._hook(module, category, _rows_counter(module))
             elif path in activations:
                 self._hook(module, category, _activation_counter(activations[path]))
@@ -187,13 +178,8 @@ class CostMeter:
         if self.tokens <= 0:
             raise MoefyError("no tokens were counted: run the model inside measure_cost first")
         flops = dict(self.flops)
-        for moe in self._moe:
-            seen = int(moe.tokens_seen)
-            if seen:
-                flops[FFN] += moe.flops_per_token() * seen
-        for wrapper, category in self._sparse:
-            skipped = int(wrapper.zeros_seen) * wrapper.weights_per_zero
-            flops[category] -= FLOPS_PER_MULTIPLY_ADD * skipped
+        for module, category in self._swapped:
+            flops[category] += module.measured_cost().flops
         total = flops[FFN] + flops[OTHER]
         return Cost(
             ffn_flops_per_token=flops[FFN] / self.tokens,

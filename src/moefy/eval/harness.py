@@ -138,7 +138,7 @@ def evaluate(
     Example:
         >>> ref = dense_reference(model, blocks, 2048)
         >>> ref.cost = evaluate(model, blocks=blocks).cost
-        >>> moefy_(model, MoEfyConfig(num_experts=64)); set_selection(model, fraction=0.25)
+        >>> moefy_(model, MoEfyConfig(num_experts=64)); set_selection(model, keep=0.25)
         >>> evaluate(model, EvalConfig(tasks=("perplexity", "agreement")), tok,
         ...          reference=ref, blocks=blocks).row()
     """
@@ -152,41 +152,52 @@ def evaluate(
         )
     if blocks is None:
         blocks = evaluation_blocks(tokenizer, config)
-    causal = is_causal_lm(model)
-    lm = None
-    if causal:
-        lm, cost = score_lm(
-            model,
-            blocks,
-            config.batch_size,
-            reference if "agreement" in config.tasks else None,
-            progress,
-        )
-    else:
-        if "perplexity" in config.tasks and len(config.tasks) == 1:
-            raise MoefyError(
-                f"{type(model).__name__} is not a causal LM: perplexity does not apply; ask for "
-                f"a classification task ({', '.join(CLASSIFICATION_TASKS)})"
-            )
-        cost = _encoder_cost(model, blocks, config.batch_size)
-    results = {}
-    for task in config.tasks:
-        if task in CLASSIFICATION_TASKS:
-            results[task] = classify(
-                model,
-                tokenizer,
-                task,
-                examples=config.classify_examples,
-                probe_examples=config.probe_examples,
-                max_doc_tokens=config.max_doc_tokens,
-                batch_size=config.batch_size,
-                seed=config.seed,
-            )
+    lm, cost = _lm_scores_and_cost(model, blocks, config, reference, progress)
     return EvalReport(
         config=config,
         cost=cost,
         lm=lm,
-        classification=results,
+        classification=_classification(model, tokenizer, config),
         dense_cost=None if reference is None else reference.cost,
         seconds=time.perf_counter() - start,
     )
+
+
+def _lm_scores_and_cost(
+    model: nn.Module,
+    blocks: TokenBlocks,
+    config: EvalConfig,
+    reference: DenseReference | None,
+    progress: bool,
+) -> tuple[LMScores | None, Cost]:
+    """Perplexity (and agreement, when asked) with the cost of that pass for a causal LM; the
+    cost of a plain forward pass, and no scores, for an encoder."""
+    if is_causal_lm(model):
+        agreement = reference if "agreement" in config.tasks else None
+        return score_lm(model, blocks, config.batch_size, agreement, progress)
+    if "perplexity" in config.tasks and len(config.tasks) == 1:
+        raise MoefyError(
+            f"{type(model).__name__} is not a causal LM: perplexity does not apply; ask for "
+            f"a classification task ({', '.join(CLASSIFICATION_TASKS)})"
+        )
+    return None, _encoder_cost(model, blocks, config.batch_size)
+
+
+def _classification(
+    model: nn.Module, tokenizer: Any, config: EvalConfig
+) -> dict[str, ClassificationResult]:
+    """Each classification task of ``config.tasks``, by name."""
+    return {
+        task: classify(
+            model,
+            tokenizer,
+            task,
+            examples=config.classify_examples,
+            probe_examples=config.probe_examples,
+            max_doc_tokens=config.max_doc_tokens,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        for task in config.tasks
+        if task in CLASSIFICATION_TASKS
+    }

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from moefy.errors import MoefyError
 from moefy.finetune.regularizers import REGULARIZERS
 from moefy.jsonconfig import JsonConfig
+from moefy.validate import check_choice, check_int, is_finite
 
 CONFIG_VERSION = 1
 # what FinetuneConfig.train may name: every parameter, or a moefied model's routers only
 TRAINED_PARTS = ("all", "routers")
-
-
-def _finite(value: object) -> bool:
-    """A real, finite number (not a bool, nan or inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -89,12 +85,14 @@ class FinetuneConfig(JsonConfig):
     seed: int = 0
     version: int = CONFIG_VERSION
 
+    VERSION: ClassVar[int] = CONFIG_VERSION
+
     def __post_init__(self) -> None:
         budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens}
         for name, value in budgets.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise MoefyError(f"{name} must be an integer >= 1 (or None), got {value!r}")
-        if self.minutes is not None and not (_finite(self.minutes) and self.minutes > 0):
+            if value is not None:
+                check_int(name, value, minimum=1)
+        if self.minutes is not None and not (is_finite(self.minutes) and self.minutes > 0):
             raise MoefyError(f"minutes must be > 0 and finite (or None), got {self.minutes!r}")
         if self.max_steps is None and self.max_tokens is None and self.minutes is None:
             raise MoefyError(
@@ -113,33 +111,27 @@ class FinetuneConfig(JsonConfig):
             "efficiency",
         ):
             value = getattr(self, name)
-            if not (_finite(value) and value >= 0):
+            if not (is_finite(value) and value >= 0):
                 raise MoefyError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.lr > 0:
             raise MoefyError(f"lr must be > 0, got {self.lr}")
-        if self.router_lr is not None and not (_finite(self.router_lr) and self.router_lr > 0):
+        if self.router_lr is not None and not (is_finite(self.router_lr) and self.router_lr > 0):
             raise MoefyError(f"router_lr must be > 0 and finite (or None), got {self.router_lr!r}")
         for name in ("batch_size", "grad_accum", "reg_stages", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise MoefyError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise MoefyError(f"{name} must be an integer >= 0, got {value!r}")
+            check_int(name, getattr(self, name), minimum=0)
         if self.straight_through is not None and not (
-            _finite(self.straight_through) and self.straight_through > 0
+            is_finite(self.straight_through) and self.straight_through > 0
         ):
             raise MoefyError(
                 f"straight_through must be a temperature > 0 (or None), got "
                 f"{self.straight_through!r}"
             )
-        if self.train not in TRAINED_PARTS:
-            raise MoefyError(f"train must be one of {', '.join(TRAINED_PARTS)}, got {self.train!r}")
+        check_choice("train", self.train, TRAINED_PARTS)
         if self.train == "routers" and self.straight_through is None and not self.router_loss:
             raise MoefyError(
                 "train='routers' with router_loss 0 and no straight_through trains nothing: "
                 "give --straight-through or a --router-loss above 0"
             )
-        if self.version != CONFIG_VERSION:
-            raise MoefyError(f"FinetuneConfig version {self.version} is not {CONFIG_VERSION}")
+        self.check_version()

@@ -78,8 +78,8 @@ def router_loss(records: list[ExpertTrainingRecord]) -> torch.Tensor:
 
     Returns a zero tensor when no layer has a learned router.
     """
+    from moefy.routing.losses import ROUTER_LOSSES
     from moefy.routing.routers import LOG_NORM_FLOOR
-    from moefy.routing.train import ROUTER_LOSSES
 
     losses = [
         ROUTER_LOSSES["listwise"](

@@ -5,21 +5,30 @@ every negative pre-activation an exact zero; after a little fine-tuning (ProSpar
 Strikes Back) most neurons are zero for most tokens, which MoEfication and the sparse kernels
 turn into saved work. FATReLU (``threshold > 0``) also zeroes small positive values.
 
-The model's Hugging Face config records ``relu`` as its activation, so ``save_pretrained`` and
-every moefy format that rebuilds the model from its config (moefied, sparsified, dropped) give
+The model's Hugging Face config records ``relu`` as its activation, so ``save_pretrained`` gives
 back a ReLU model. A FATReLU threshold is recorded in the config as ``moefy_fatrelu_threshold``;
 :func:`reapply_fatrelu` puts it back into a dense model loaded from a plain folder
-(``moefy.load_model`` does). Moefy FATReLU models after fine-tuning, not before saving them.
+(``moefy.load_model`` does). :func:`moefy.save` records the relu change (``moefy_relu.json``)
+and replays it first, before the changes made after it (MoEfication, sparsity), so a FATReLU
+model stays one after any of them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from moefy.errors import MoefyError
+from moefy.models.marked import base_marker, read_marker
+from moefy.saving.changes import ChangeFormat, Header, register_format
 
 THRESHOLD_KEY = "moefy_fatrelu_threshold"
+FORMAT_NAME = "moefy-relu"
+FORMAT_VERSION = 1
+MARKER_FILE = "moefy_relu.json"
 # config fields that name the FFN activation in transformers' configs
 _ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "dense_act_fn")
 
@@ -118,3 +127,56 @@ def reapply_fatrelu(model: nn.Module) -> bool:
                 f"{type(act).__name__}: the folder is inconsistent, save it again"
             )
     return True
+
+
+def _capture(model: nn.Module) -> dict[str, Any] | None:
+    """The record of a relufied model (its FATReLU threshold), or None when it has no FATReLU."""
+    thresholds = {m.threshold for m in model.modules() if isinstance(m, FATReLU)}
+    if not thresholds:
+        return None
+    if len(thresholds) > 1:
+        raise MoefyError(
+            f"the model's FATReLU layers have {len(thresholds)} different thresholds; moefy "
+            "saves one: set one threshold with relufy_(model, threshold)"
+        )
+    return {**base_marker(model, FORMAT_NAME, FORMAT_VERSION), "threshold": thresholds.pop()}
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    record = read_marker(
+        folder,
+        MARKER_FILE,
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        ("threshold",),
+        "it is not a folder of a relufied model; write one with moefy.save",
+    )
+    threshold = record["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        raise MoefyError(
+            f"{folder / MARKER_FILE} has threshold {threshold!r}, not a number >= 0: "
+            "save the model again"
+        )
+    return record
+
+
+def _replay(model: nn.Module, record: dict[str, Any], header: Header, folder: Path) -> None:
+    relufy_(model, float(record["threshold"]))
+
+
+def _adopt(model: nn.Module) -> None:
+    reapply_fatrelu(model)  # a FATReLU threshold recorded by relufy_ (no-op otherwise)
+
+
+register_format(
+    ChangeFormat(
+        name=FORMAT_NAME,
+        file=MARKER_FILE,
+        rank=10,
+        capture=_capture,
+        read=_read,
+        replay=_replay,
+        adopt=_adopt,
+        missing_hint="it is not a folder of a relufied model; write one with moefy.save",
+    )
+)

@@ -7,8 +7,9 @@
 - :func:`threshold_linear`: a linear layer that skips the weight rows of dropped inputs (TEAL);
 - :func:`threshold_gate_up`: the gate and up projections of one input under one threshold.
 
-Triton kernels (``moefy[triton]``) run the same calls on CUDA tensors; triton is imported only
-when they run.
+Each kernel is one ``torch.ops.moefy`` operator (:mod:`moefy.kernels.library`) with a C++
+implementation for CPU tensors and a Triton one (``moefy[triton]``) for CUDA tensors; triton is
+imported only when they run. :func:`kernel_fits` says whether a call can take a kernel.
 
 The backend (auto / reference / cpu / triton) comes from ``MOEFY_KERNELS`` or
 :func:`set_backend`; the C++ library is built on first use and cached (see
@@ -25,16 +26,14 @@ from moefy.kernels.backend import (
     use_backend,
 )
 from moefy.kernels.build import KernelBuildError
+from moefy.kernels.fits import kernel_fits
 from moefy.kernels.layout import is_all_zero, transposed_weight
 from moefy.kernels.ops import (
     SMALL_BATCH_MAX,
     expert_ffn,
-    expert_ffn_activation,
     routed_expert_ffn,
     threshold_gate_up,
     threshold_linear,
-    threshold_linear_fits,
-    threshold_linear_ready,
 )
 
 __all__ = [
@@ -45,16 +44,14 @@ __all__ = [
     "KernelFallbackWarning",
     "activation_name",
     "expert_ffn",
-    "expert_ffn_activation",
     "get_backend",
     "is_all_zero",
+    "kernel_fits",
     "parse_backend",
     "routed_expert_ffn",
     "set_backend",
     "threshold_gate_up",
     "threshold_linear",
-    "threshold_linear_fits",
-    "threshold_linear_ready",
     "transposed_weight",
     "use_backend",
 ]

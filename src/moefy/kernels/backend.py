@@ -139,27 +139,43 @@ def triton_interpreting() -> bool:
 
 
 def cpu_extension() -> ModuleType | None:
-    """The C++ kernel module, built or loaded once per process; None when it cannot be."""
+    """The C++ kernel module, built or loaded once per process; None when it cannot be.
+
+    Loading it makes its kernels the CPU implementations of the ``torch.ops.moefy`` operators,
+    except under Triton's interpreter, where the operators' Python default serves CPU tensors
+    (the C++ or the Triton kernels, by the backend in force; see :mod:`moefy.kernels.library`).
+    """
     if _state["extension"] is None and _state["error"] is None:
         try:
             extension = load_extension()
         except KernelBuildError as err:
             _state["error"] = str(err)
         else:
-            from moefy.kernels.cpu import register_operators  # cpu imports this module
-
-            register_operators(extension)
+            if not triton_interpreting():
+                extension.register_operators()
             _state["extension"] = extension
     return _state["extension"]  # type: ignore[return-value]
 
 
-def resolve(device: torch.device) -> Backend:
+def resolve(device: torch.device, backend: str | Backend | None = None) -> Backend:
     """The concrete backend (reference, cpu or triton) that runs a kernel on ``device`` now.
 
     ``auto`` takes triton for CUDA tensors when it is installed and torch otherwise; on CPU
     tensors, without a working build, it warns once (one line) and answers reference.
+
+    Args:
+        device: where the call's tensors are.
+        backend: the backend asked for this one call (checked as :func:`set_backend` checks
+            it); None: the one in force.
+
+    Raises:
+        MoefyError: an unknown name, or a backend that cannot run here or on ``device``.
     """
-    backend = get_backend()
+    if backend is None:
+        backend = get_backend()
+    else:
+        backend = parse_backend(backend)
+        check_available(backend)
     if backend is Backend.CPU and device.type != "cpu":
         raise MoefyError(f"the cpu backend runs CPU tensors, not {device.type}; choose auto")
     if backend is Backend.TRITON:
@@ -187,6 +203,12 @@ def resolve(device: torch.device) -> Backend:
             stacklevel=3,
         )
     return Backend.REFERENCE
+
+
+def interpreting_triton() -> bool:
+    """Whether CPU tensors run the Triton kernels now: triton is the backend in force and its
+    interpreter is on (tests on machines without a GPU)."""
+    return get_backend() is Backend.TRITON and triton_interpreting()
 
 
 def reset_state() -> None:

@@ -22,16 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moefy.kernels import triton_launch as launch
 from moefy.kernels.activations import ACTIVATIONS
-from moefy.kernels.triton_launch import (
-    accumulate,
-    dot_in_fp32,
-    kernel,
-    reduce_partials,
-    scratch,
-    split_rows,
-    target_programs,
-)
+from moefy.kernels.triton_launch import accumulate, scratch
 
 BLOCK_S = 16  # slots per up program, and per step of the down loop (tile products need 16)
 BLOCK_D_UP = 128  # width per step of the up loop: 256 contiguous bytes of a bf16 row
@@ -171,13 +164,7 @@ def _expert_down_kernel(
 def expert_ffn(
     x: torch.Tensor,
     mask: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    b_in: torch.Tensor | None,
-    b_out: torch.Tensor | None,
-    act: str,
-    gated: bool,
-    *,
+    *experts: object,
     out: torch.Tensor | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
@@ -186,18 +173,20 @@ def expert_ffn(
     Args:
         x: (N, D) float16 / bfloat16 / float32, N in 1..16.
         mask: (N, E) bool or integer, the experts each token runs.
-        w_in: (E, S_in, D) contiguous, x's dtype.
-        w_out: (E, S, D) contiguous, x's dtype.
-        b_in: (E, S_in) or None.
-        b_out: (D,) or None.
-        act: a name of :data:`moefy.kernels.activations.ACTIVATIONS`.
-        gated: ``act(gate) * up`` when True.
+        *experts: ``w_in, w_out, b_in, b_out, act, gated`` as the reference's (typed there):
+            w_in: (E, S_in, D) contiguous, x's dtype.
+            w_out: (E, S, D) contiguous, x's dtype.
+            b_in: (E, S_in) or None.
+            b_out: (D,) or None.
+            act: a name of :data:`moefy.kernels.activations.ACTIVATIONS`.
+            gated: ``act(gate) * up`` when True.
         out: a preallocated (N, D) output (tests poison it); default a new tensor.
         splits: groups of experts in the down launch (default: enough programs for the device).
 
     Returns:
         (N, D) in x's dtype.
     """
+    w_in, w_out, b_in, b_out, act, gated = experts
     N, D = x.shape
     E, S_in, _ = w_in.shape
     S = w_out.shape[1]
@@ -207,9 +196,9 @@ def expert_ffn(
     if out is None:
         out = torch.empty(N, D, dtype=x.dtype, device=device)
     hidden = scratch(N, E, S, device=device)  # rows of unselected experts stay unwritten
-    dot_fp32 = dot_in_fp32(w_in.dtype, device)
+    dot_fp32 = launch.dot_in_fp32(w_in.dtype, device)
     block_n = 1 if N == 1 else TOKEN_BLOCK
-    kernel(_expert_up_kernel, device)[(E, triton.cdiv(S, BLOCK_S))](
+    launch.kernel(_expert_up_kernel, device)[(E, triton.cdiv(S, BLOCK_S))](
         x,
         mask,
         w_in,
@@ -228,12 +217,30 @@ def expert_ffn(
         BLOCK_D=BLOCK_D_UP,
         num_warps=NUM_WARPS,
     )
+    _down(hidden, mask, w_out, b_out, out, splits, dot_fp32, block_n)
+    return out
+
+
+def _down(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor | None,
+    out: torch.Tensor,
+    splits: int | None,
+    dot_fp32: bool,
+    block_n: int,
+) -> None:
+    """Write ``out`` (N, D) from the hidden values (N, E, S) and the down rows (E, S, D): one
+    launch, or one per split of the experts plus the reduce."""
+    N, E, S = hidden.shape
+    D = out.shape[1]
+    device = out.device
     column_programs = triton.cdiv(D, BLOCK_D_DOWN)
-    target = target_programs(device) if splits is None else splits * column_programs
-    experts_per_split, split_count = split_rows(E, column_programs, 1, target)
+    experts_per_split, split_count = launch.split_rows(E, column_programs, 1, device, splits)
     final = split_count == 1
     partials = scratch(*((1,) if final else (split_count, N, D)), device=device)
-    kernel(_expert_down_kernel, device)[(column_programs, split_count)](
+    launch.kernel(_expert_down_kernel, device)[(column_programs, split_count)](
         hidden,
         mask,
         w_out,
@@ -254,5 +261,4 @@ def expert_ffn(
         num_warps=NUM_WARPS,
     )
     if not final:
-        reduce_partials([partials], [b_out], [out])
-    return out
+        launch.reduce_partials([partials], [b_out], [out])

@@ -8,8 +8,8 @@ or interpreted (CPU tensors) is decided once per process: triton reads ``TRITON_
 it, and each module of kernels, is imported (its own library too: ``tl.zeros``, ``tl.sum``), so
 one process cannot have both; :func:`kernel` says so in one line instead of failing deep inside.
 
-This module imports triton: only :mod:`moefy.kernels.ops` imports it, and only when the triton
-backend runs.
+This module imports triton: only the Triton kernels import it, and they are imported only when
+a Triton kernel runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from moefy.errors import MoefyError
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Programs per streaming multiprocessor the split-K grids aim for: enough CTAs in flight to
-# cover memory latency on a memory-bound GEMV (HOPPER.md).
+# cover memory latency on a memory-bound GEMV (an SM runs several at once, overlapping loads).
 PROGRAMS_PER_SM = 4
 # Under the interpreter every program runs one after another in numpy: keep grids small (tests
 # force larger splits where they need them).
@@ -67,15 +67,19 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_rows(rows: int, columns_programs: int, block: int, target: int) -> tuple[int, int]:
-    """Rows per split and split count so ``columns_programs * splits`` nears ``target``.
+def split_rows(
+    rows: int, columns_programs: int, block: int, device: torch.device, splits: int | None = None
+) -> tuple[int, int]:
+    """Rows per split and split count so ``columns_programs * splits`` nears the program count
+    a split-K grid should have on ``device`` (:func:`target_programs`), or ``splits`` given.
 
     Each split takes a whole number of ``block`` rows; the last may take fewer.
 
     Example:
-        >>> split_rows(14336, 32, 64, 528)
+        >>> split_rows(14336, 32, 64, torch.device("cuda"), splits=16)
         (896, 16)
     """
+    target = target_programs(device) if splits is None else splits * columns_programs
     wanted = max(1, min(triton.cdiv(target, max(1, columns_programs)), triton.cdiv(rows, block)))
     per_split = triton.cdiv(triton.cdiv(rows, wanted), block) * block
     return per_split, triton.cdiv(rows, per_split)

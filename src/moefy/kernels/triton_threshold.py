@@ -19,15 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moefy.kernels.triton_launch import (
-    accumulate,
-    dot_in_fp32,
-    kernel,
-    reduce_partials,
-    scratch,
-    split_rows,
-    target_programs,
-)
+from moefy.kernels import triton_launch as launch
+from moefy.kernels.triton_launch import accumulate, scratch
 
 BLOCK_O = 128  # output columns per program: 256 contiguous bytes of a bf16 row
 BLOCK_I = 32  # input rows per step
@@ -156,15 +149,14 @@ def threshold_project(
     if outs is None:
         outs = [torch.empty(N, n_out, dtype=x.dtype, device=device) for _ in weights]
     column_programs = triton.cdiv(n_out, BLOCK_O)
-    target = target_programs(device) if splits is None else splits * column_programs
-    rows_per_split, split_count = split_rows(n_in, column_programs, BLOCK_I, target)
+    rows_per_split, split_count = launch.split_rows(n_in, column_programs, BLOCK_I, device, splits)
     final = split_count == 1
     # final: one split writes the outputs itself and the partial buffers go unused
     part_shape = (1,) if final else (split_count, N, n_out)
     parts = [scratch(*part_shape, device=device) for _ in weights]
     has_bias = biases[0] is not None
     pair = len(weights) == 2
-    kernel(_threshold_kernel, device)[(column_programs, split_count)](
+    launch.kernel(_threshold_kernel, device)[(column_programs, split_count)](
         x,
         thr,
         weights[0],
@@ -183,14 +175,14 @@ def threshold_project(
         PAIR=pair,
         FINAL=final,
         HAS_BIAS=has_bias,
-        DOT_FP32=dot_in_fp32(weights[0].dtype, device),
+        DOT_FP32=launch.dot_in_fp32(weights[0].dtype, device),
         BLOCK_N=1 if N == 1 else TOKEN_BLOCK,
         BLOCK_I=BLOCK_I,
         BLOCK_O=BLOCK_O,
         num_warps=NUM_WARPS,
     )
     if not final:
-        reduce_partials(parts, biases, outs)
+        launch.reduce_partials(parts, biases, outs)
     return outs
 
 

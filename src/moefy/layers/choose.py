@@ -19,6 +19,7 @@ from moefy.layers.config import DropConfig
 from moefy.layers.drop import drop_layers_
 from moefy.layers.result import LayerImportance
 from moefy.layers.sites import ATTENTION, BLOCK, MLP, find_layers
+from moefy.registry import Registry
 
 # Unified Layer Skipping keeps the first and the last block.
 _KEPT_ENDS = 2
@@ -127,13 +128,30 @@ def _uniform_skip(model: nn.Module, level: int, _importance: LayerImportance | N
 
 _COUNT_ARGUMENT = {ATTENTION: "attention", MLP: "mlp", BLOCK: "blocks"}
 
-# method name, as `moefy sweep` spells it -> how it chooses the layers
-LAYER_METHODS: dict[str, LayerMethod] = {
-    "drop-attn": LayerMethod(_most_redundant(ATTENTION), needs_importance=True),
-    "drop-mlp": LayerMethod(_most_redundant(MLP), needs_importance=True),
-    "drop-block": LayerMethod(_most_redundant(BLOCK), needs_importance=True),
-    "skip": LayerMethod(_uniform_skip, needs_importance=False),
-}
+# method name, as `moefy sweep` spells it -> how it chooses the layers; ``meta["kept"]`` is how
+# many blocks the method always keeps (so a level above ``num_blocks - kept`` is refused early)
+LAYER_METHODS: Registry[LayerMethod] = Registry("layer method")
+
+
+def _register_llm_drop(name: str, kind: str, layers: str) -> None:
+    """LLM-Drop for one kind of layer: drop the ``level`` most redundant ones."""
+    LAYER_METHODS.register(
+        name,
+        LayerMethod(_most_redundant(kind), needs_importance=True),
+        help=f"drop the {layers} most similar to their input (LLM-Drop)",
+        kept=0,
+    )
+
+
+_register_llm_drop("drop-attn", ATTENTION, "attention sublayers")
+_register_llm_drop("drop-mlp", MLP, "MLPs")
+_register_llm_drop("drop-block", BLOCK, "blocks")
+LAYER_METHODS.register(
+    "skip",
+    LayerMethod(_uniform_skip, needs_importance=False),
+    help="skip blocks spread through the middle (Unified Layer Skipping)",
+    kept=_KEPT_ENDS,
+)
 
 
 def apply_layer_method(
@@ -155,7 +173,7 @@ def apply_layer_method(
 
     Args:
         model: a supported decoder.
-        method: one of :data:`LAYER_METHODS`.
+        method: a name in :data:`LAYER_METHODS` (a :class:`moefy.registry.Registry`).
         level: number of layers to drop (0: nothing).
         importance: scores of ``model`` from :func:`moefy.layers.layer_importance`.
         calibration: token blocks to measure the scores on when ``importance`` is not given
@@ -172,11 +190,7 @@ def apply_layer_method(
         >>> apply_layer_method(model, "drop-attn", 4, calibration=calibration_blocks)
         >>> apply_layer_method(other_model, "skip", 8)
     """
-    layer_method = LAYER_METHODS.get(method)
-    if layer_method is None:
-        raise MoefyError(
-            f"unknown layer method {method!r}: choose one of {', '.join(LAYER_METHODS)}"
-        )
+    layer_method = LAYER_METHODS.get(method).value
     if layer_method.needs_importance and importance is None and calibration is not None:
         from moefy.layers.importance import layer_importance
 

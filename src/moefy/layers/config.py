@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import JsonConfig
+from moefy.validate import check_bool, check_int
 
 DROP_CONFIG_VERSION = 1
 IMPORTANCE_CONFIG_VERSION = 1
@@ -30,26 +32,8 @@ def _indices(name: str, values: Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _check_version(cls_name: str, version: Any, current: int) -> None:
-    if not isinstance(version, int) or not 1 <= version <= current:
-        raise MoefyError(
-            f"{cls_name} version {version!r} is not supported (this moefy reads up to {current}): "
-            "upgrade moefy"
-        )
-
-
-def _from_dict(cls, data: Any) -> Any:
-    if not isinstance(data, dict):
-        raise MoefyError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise MoefyError(f"{cls.__name__}: unknown fields {unknown} (known: {sorted(known)})")
-    return cls(**data)
-
-
 @dataclass(frozen=True)
-class DropConfig:
+class DropConfig(JsonConfig):
     """Which parts of which blocks are dropped.
 
     Attributes:
@@ -71,12 +55,13 @@ class DropConfig:
     keep_weights: bool = True
     version: int = DROP_CONFIG_VERSION
 
+    VERSION: ClassVar[int] = DROP_CONFIG_VERSION
+
     def __post_init__(self) -> None:
         for name in ("attention", "mlp", "blocks"):
             object.__setattr__(self, name, _indices(name, getattr(self, name)))
-        if not isinstance(self.keep_weights, bool):
-            raise MoefyError(f"keep_weights must be True or False, got {self.keep_weights!r}")
-        _check_version("DropConfig", self.version, DROP_CONFIG_VERSION)
+        check_bool("keep_weights", self.keep_weights)
+        self.check_version()
 
     @property
     def is_empty(self) -> bool:
@@ -97,18 +82,9 @@ class DropConfig:
             keep_weights=other.keep_weights,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (lists for the index tuples)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DropConfig:
-        """The config :meth:`to_dict` wrote."""
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class LayerImportanceConfig:
+class LayerImportanceConfig(JsonConfig):
     """How :func:`moefy.layers.layer_importance` measures.
 
     Attributes:
@@ -122,20 +98,9 @@ class LayerImportanceConfig:
     perplexity: bool = False
     version: int = IMPORTANCE_CONFIG_VERSION
 
+    VERSION: ClassVar[int] = IMPORTANCE_CONFIG_VERSION
+
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
-            raise MoefyError(f"batch_size must be a whole number, got {self.batch_size!r}")
-        if self.batch_size < 1:
-            raise MoefyError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not isinstance(self.perplexity, bool):
-            raise MoefyError(f"perplexity must be True or False, got {self.perplexity!r}")
-        _check_version("LayerImportanceConfig", self.version, IMPORTANCE_CONFIG_VERSION)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerImportanceConfig:
-        """The config :meth:`to_dict` wrote."""
-        return _from_dict(cls, data)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_bool("perplexity", self.perplexity)
+        self.check_version()

@@ -4,6 +4,7 @@ A dropped attention sublayer returns zeros (the residual stream passes unchanged
 returns zeros, a dropped block returns its input. Each keeps the module it replaced as
 ``base_layer`` (as peft does) unless dropped with ``keep_weights=False``, so
 :func:`moefy.layers.restore_layers` can put it back and ``state_dict`` stays the whole truth.
+Through the cost protocol of :mod:`moefy.cost` each reports that it spends nothing.
 
 KV cache: transformers 5 caches (``DynamicCache``) hold one layer object per block, created from
 the config (or lazily on first update), and read the sequence length and mask sizes from the first
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from moefy.cost import NOTHING, ModuleCost
 
 
 class EmptyCacheLayer:
@@ -113,6 +116,14 @@ class _DroppedLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.base_layer = base_layer
+
+    def measured_cost(self) -> ModuleCost:
+        """A dropped part computes nothing and reads no weight, kept ones included (cost
+        protocol of :mod:`moefy.cost`)."""
+        return NOTHING
+
+    def reset_counters(self) -> None:
+        """Nothing is counted: a dropped part always costs nothing."""
 
     def extra_repr(self) -> str:
         kept = "kept" if self.base_layer is not None else "freed"

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from moefy.io import atomic_path
-from moefy.layers.result import LayerImportance
 from moefy.layers.sites import ATTENTION, BLOCK, MLP
 
 SIMILARITY_PLOT = "layer_similarity.png"
@@ -39,11 +39,13 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_importance(importance: LayerImportance, out_dir: str | os.PathLike) -> list[Path]:
+def plot_importance(importance: Any, out_dir: str | os.PathLike) -> list[Path]:
     """Write the plots of ``importance`` into ``out_dir``.
 
     Args:
-        importance: the scores to draw.
+        importance: the scores to draw, a :class:`moefy.layers.LayerImportance` (read through
+            its ``layers``, ``model_type``, ``n_tokens`` and perplexities only, so this module
+            needs no import of it; :meth:`LayerImportance.plot` calls this).
         out_dir: folder for the PNG files (created if missing).
 
     Returns:

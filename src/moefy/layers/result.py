@@ -6,7 +6,6 @@ the model type, the number of tokens, the dense perplexity and one record per bl
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -15,7 +14,7 @@ from typing import Any
 
 from moefy.errors import MoefyError
 from moefy.io import write_json
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import read_json
 from moefy.layers.config import LayerImportanceConfig
 from moefy.layers.sites import ATTENTION, BLOCK, MLP, PARTS
 
@@ -179,11 +178,7 @@ class LayerImportance:
         path = Path(path)
         if not path.is_file():
             raise MoefyError(f"no such file: {path}; write one with LayerImportance.save")
-        try:
-            data = loads_json(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise MoefyError(f"{path} is not valid JSON ({err})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, f"{path} is not valid JSON"))
 
     def plot(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write PNG plots per block of both measures into ``out_dir``; returns their paths."""

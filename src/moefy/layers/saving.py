@@ -1,16 +1,12 @@
-"""Save a model with dropped layers and load it back with the same structure.
+"""The layers change of moefy's saved format: models with dropped layers saved and loaded back.
 
-A folder written by :func:`save_dropped` holds
-
-- ``config.json`` (and ``generation_config.json``, tokenizer files): the Hugging Face model;
-- ``model.safetensors``: the state dict (dropped modules' weights under ``...base_layer...`` when
-  they were kept; tied tensors stored once);
-- ``moefy_layers.json``: format name and version, the model class and dtype, and the
-  :class:`DropConfig` of what is dropped.
-
-:func:`load_dropped` builds the model from its config, replays the drop (sublayers, then blocks,
-as :func:`drop_layers_` does) and loads the state dict strictly. ``moefy.load_model(folder)``
-recognises the folder by its marker file.
+A model with dropped layers saves, beside the Hugging Face config and the whole state dict
+(dropped modules' weights under ``...base_layer...`` when they were kept; tied tensors stored
+once), ``moefy_layers.json``: format name and version, the model class and dtype, and the
+:class:`DropConfig` of what is dropped. Loading replays the drop (sublayers, then blocks, as
+:func:`drop_layers_` does) on the base model built on the meta device and loads the state dict
+strictly. :func:`save_dropped` and :func:`load_dropped` are :func:`moefy.save` and
+:func:`moefy.load` for models that must have dropped layers.
 """
 
 from __future__ import annotations
@@ -21,16 +17,13 @@ from typing import Any
 
 from torch import nn
 
+from moefy.arch.registry import DROPPED_MARK
 from moefy.errors import MoefyError
 from moefy.layers.config import DropConfig
 from moefy.layers.drop import drop_layers_, dropped_layers
-from moefy.models.marked import (
-    base_marker,
-    build_model,
-    load_weights,
-    read_marker,
-    write_marked_folder,
-)
+from moefy.models.marked import base_marker
+from moefy.saving.changes import ChangeFormat, Header, register_format
+from moefy.saving.folder import load_carrying, save_carrying
 
 FORMAT_NAME = "moefy-layers"
 FORMAT_VERSION = 1
@@ -45,15 +38,15 @@ def save_dropped(
     extra_json: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a model with dropped layers to the folder ``path`` atomically.
+    """Write a model with dropped layers (and any other change moefy made) to ``path``.
 
     Args:
         model: a Hugging Face decoder changed by :func:`drop_layers_`.
         path: the folder.
-        tokenizer: optional tokenizer to save alongside.
-        extra_json: optional ``file name -> JSON-able object`` written in the same atomic step.
-        overwrite: replace ``path`` if moefy wrote it before (a folder moefy did not write is
-            never replaced; see :mod:`moefy.io`).
+        tokenizer: saved alongside when given.
+        extra_json: ``file name -> JSON-able object`` written in the same atomic step (reports,
+            measurements).
+        overwrite: replace ``path`` if moefy wrote it before (as :func:`moefy.save`).
 
     Returns:
         The folder path.
@@ -66,18 +59,14 @@ def save_dropped(
         >>> save_dropped(model, "runs/drop-attn-2", tokenizer=tokenizer)
         >>> same, tokenizer = moefy.load_model("runs/drop-attn-2")
     """
-    dropped = dropped_layers(model)
-    if dropped.is_empty:
-        raise MoefyError("nothing is dropped: call drop_layers_ first, or save_pretrained")
-    marker = {**base_marker(model, FORMAT_NAME, FORMAT_VERSION), "dropped": dropped.to_dict()}
-    return write_marked_folder(
+    absent = "nothing is dropped: call drop_layers_ first, or save_pretrained"
+    return save_carrying(
+        FORMAT_NAME,
         model,
         path,
-        MARKER_FILE,
-        marker,
+        absent=absent,
         tokenizer=tokenizer,
         extra_json=extra_json,
-        set_architectures=True,
         overwrite=overwrite,
     )
 
@@ -89,7 +78,8 @@ def load_dropped(path: str | os.PathLike) -> nn.Module:
         path: the folder.
 
     Returns:
-        The model with its layers dropped as saved, in eval mode.
+        The model with its layers dropped as saved (and any other change it was saved with),
+        in eval mode.
 
     Raises:
         MoefyError: a missing, corrupt or mismatched folder.
@@ -99,25 +89,39 @@ def load_dropped(path: str | os.PathLike) -> nn.Module:
         >>> dropped_layers(model).attention
         (20, 22)
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise MoefyError(f"no such folder: {folder}; give a folder written by save_dropped")
-    marker = read_marker(
-        folder,
-        MARKER_FILE,
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        ("dropped",),
-        "it is not a folder of a model with dropped layers; write one with save_dropped",
-    )
+    return load_carrying(FORMAT_NAME, path, writer="save_dropped")
+
+
+def _capture(model: nn.Module) -> dict[str, Any] | None:
+    """The record of a model with dropped layers, or None when nothing is dropped."""
+    if not any(getattr(module, DROPPED_MARK, False) for module in model.modules()):
+        return None
+    dropped = dropped_layers(model)
+    if dropped.is_empty:
+        return None
+    return {**base_marker(model, FORMAT_NAME, FORMAT_VERSION), "dropped": dropped.to_dict()}
+
+
+def _replay(model: nn.Module, record: dict[str, Any], header: Header, folder: Path) -> None:
+    """Drop what the record lists (the stand-ins keep meta copies the weights fill)."""
     try:
-        dropped = DropConfig.from_dict(marker["dropped"])
-    except MoefyError as err:
-        raise MoefyError(f"{folder / MARKER_FILE}: {err}: save the model again") from None
-    model, dtype = build_model(folder, marker, MARKER_FILE)
-    try:
+        dropped = DropConfig.from_dict(record["dropped"])
         drop_layers_(model, **dropped.indices(), keep_weights=dropped.keep_weights)
-    except MoefyError as err:  # layer numbers the model does not have
+    except MoefyError as err:  # a bad record, or layer numbers the model does not have
         raise MoefyError(f"{folder / MARKER_FILE}: {err}: save the model again") from None
-    load_weights(model, folder)
-    return model.to(dtype).eval()
+
+
+register_format(
+    ChangeFormat(
+        name=FORMAT_NAME,
+        file=MARKER_FILE,
+        rank=40,
+        capture=_capture,
+        replay=_replay,
+        missing_hint=(
+            "it is not a folder of a model with dropped layers; write one with save_dropped"
+        ),
+        version=FORMAT_VERSION,
+        required=("dropped",),
+    )
+)

@@ -18,7 +18,7 @@ from torch import nn
 
 from moefy.data.sources import PACKAGES, package_dir
 from moefy.dist import barrier, rank_and_world
-from moefy.errors import MoefyError
+from moefy.errors import MoefyError, first_line
 from moefy.io import FOLDER, atomic_path
 from moefy.jsonconfig import loads_json
 from moefy.models.hf_config import read_hf_config
@@ -122,6 +122,24 @@ def load_model(
     return _load_folder(folder, dtype, device)
 
 
+def load(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, Any]:
+    """Load a model and its tokenizer: a folder :func:`moefy.save` wrote (any change moefy
+    made, alone or combined), a plain Hugging Face folder or a built-in name.
+
+    The same as :func:`load_model` (see it for the arguments and errors); ``moefy.load`` pairs
+    with ``moefy.save``.
+
+    Example:
+        >>> moefy.save(model, "runs/relu-moe", tokenizer=tokenizer)
+        >>> model, tokenizer = moefy.load("runs/relu-moe")
+    """
+    return load_model(name_or_path, dtype=dtype, device=device)
+
+
 def read_model_config(name_or_path: str | os.PathLike) -> Any | None:
     """The Hugging Face config of the model :func:`load_model` would load, read from its
     ``config.json`` alone: no weights, no conversion (cheap enough for argument checks).
@@ -207,29 +225,16 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
 
 
-# Folders written by moefy's own verbs: marker file -> (module, function) that rebuilds the model.
-MOEFY_FORMATS = {
-    "moefy_config.json": ("moefy.moe.serialize", "from_pretrained"),
-    "moefy_sparsify.json": ("moefy.sparsify.saving", "load_sparse"),
-    "moefy_layers.json": ("moefy.layers.saving", "load_dropped"),
-}
-
-
 def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-    import importlib
+    from moefy.saving.folder import adopt_plain, is_saved_folder, load_folder
 
-    marker = next((m for m in MOEFY_FORMATS if (folder / m).is_file()), None)
-    if marker is not None:
-        module_name, function = MOEFY_FORMATS[marker]
-        loader = getattr(importlib.import_module(module_name), function)
-        model = loader(folder).to(device=device, dtype=dtype)
+    if is_saved_folder(folder):  # a model moefy changed (moefy.save)
+        model = load_folder(folder).to(device=device, dtype=dtype)
     else:
         config = read_hf_config(folder)
         weights = _hf_weights(folder)
         model = _from_pretrained(_model_class(config), folder, config, dtype, weights)
-        from moefy.finetune.relu import reapply_fatrelu
-
-        reapply_fatrelu(model)  # a FATReLU threshold recorded by relufy_ (no-op otherwise)
+        adopt_plain(model)  # what the config records of moefy's changes (a FATReLU threshold)
         model.to(device)  # read on the CPU, moved once
     model.eval()
     tokenizer = None
@@ -250,8 +255,7 @@ def _load_tokenizer(folder: Path) -> Any:
     # the Rust tokenizers library raises a plain Exception for a file it cannot parse, and
     # transformers lets OSError, ValueError (UnicodeDecodeError, JSON) and others through
     except Exception as err:  # every failure here is a tokenizer file it cannot read
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = lines[0][:200] if lines else type(err).__name__
+        reason = first_line(err)[:200]
         raise MoefyError(
             f"cannot read the tokenizer in {folder} ({reason}): copy its tokenizer files "
             "(tokenizer.json, tokenizer_config.json...) again"
@@ -314,8 +318,7 @@ def _from_pretrained(
             ignore_mismatched_sizes=True,  # reported below, one line, with the tensor's name
         )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = lines[0][:300] if lines else type(err).__name__
+        reason = first_line(err)[:300]
         raise MoefyError(
             f"cannot load {weights} into the model config.json describes ({reason}): download or "
             "save the model again"

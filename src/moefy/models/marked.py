@@ -1,15 +1,17 @@
-"""Marked model folders: a Hugging Face model saved with a versioned moefy marker file.
+"""Marked model folders: a Hugging Face model saved with versioned moefy record files.
 
-moefy's changed models (sparsified, layer-dropped) are saved as
+A changed model (relufied, moefied, routed, sparsified, layers dropped, alone or combined) is
+saved as
 
 - ``config.json`` (and ``generation_config.json``, tokenizer files): the Hugging Face model;
-- ``model.safetensors``: the changed model's state dict (tied tensors stored once);
-- a marker JSON (``moefy_sparsify.json``, ``moefy_layers.json``): format name and version, the
-  moefy version, model class and dtype, plus what the change needs to be replayed.
+- ``model.safetensors``: the changed model's whole state dict (tied tensors stored once);
+- one record JSON per change (``moefy_config.json``, ``moefy_sparsify.json``, ...): format name
+  and version, the moefy version, model class and dtype, plus what the change needs to be
+  replayed; and the manifest that lists them in order (:mod:`moefy.saving`).
 
-Loading builds the plain model from its config, lets the caller replay the change (the
-structure), then loads the state dict strictly (the numbers). This module holds the parts every
-such format shares; each format module adds its own fields and replay.
+Loading builds the plain model from its config with its parameters on the meta device, lets
+each change replay its structure, then loads the state dict strictly, assigning the saved
+tensors (the numbers). This module holds the parts every change shares.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from torch import nn
 
 from moefy.errors import MoefyError
 from moefy.io import FOLDER, atomic_path, check_output
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import read_json
 from moefy.models.hf_config import HF_CONFIG_FILE, read_hf_config
-from moefy.models.weights import float_dtype, load_safetensors, safetensors_header
+from moefy.models.weights import float_dtype, load_safetensors_assigned, safetensors_header
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -46,29 +48,31 @@ def base_marker(model: nn.Module, format_name: str, format_version: int) -> dict
 def write_marked_folder(
     model: nn.Module,
     path: str | os.PathLike,
-    marker_file: str,
-    marker: dict[str, Any],
+    records: dict[str, dict[str, Any]],
     *,
     tokenizer: Any = None,
     extra_json: dict[str, Any] | None = None,
-    set_architectures: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write config, generation config, tokenizer, extra JSON, weights and marker atomically.
+    """Write config, generation config, tokenizer, extra JSON, weights and records atomically.
 
     Args:
         model: a Hugging Face model (with ``config``).
         path: the folder (nothing half-written is left on failure).
-        marker_file: the marker's file name.
-        marker: the marker (see :func:`base_marker`).
+        records: ``file name -> record`` (see :func:`base_marker`), written last.
         tokenizer: optional tokenizer to save alongside.
         extra_json: optional ``file name -> JSON-able object`` written in the same step.
-        set_architectures: record the model's class in ``config.architectures``.
         overwrite: replace ``path`` if moefy wrote it before (a folder moefy did not write is
             never replaced; see :mod:`moefy.io`).
 
+    Returns:
+        The folder path.
+
     Raises:
         MoefyError: the model has no Hugging Face config, or ``path`` is refused.
+
+    Example:
+        >>> write_marked_folder(model, "runs/x", {"moefy_layers.json": record})
     """
     from safetensors.torch import save_model
 
@@ -77,14 +81,13 @@ def write_marked_folder(
         raise MoefyError(
             f"{type(model).__name__} has no Hugging Face config: save its state_dict yourself"
         )
-    check_output(path, FOLDER, overwrite=overwrite, option="path")
+    path = check_output(path, FOLDER, overwrite=overwrite, option="path")
     with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
         tmp.mkdir()
         hf_config = type(hf_config).from_dict(hf_config.to_dict())  # a copy we may edit
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config  # weights are saved dequantised
-        if set_architectures:
-            hf_config.architectures = [type(model).__name__]
+        hf_config.architectures = [type(model).__name__]
         hf_config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
@@ -95,8 +98,9 @@ def write_marked_folder(
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         # save_model drops duplicates of tied tensors (tied embeddings); loading restores them.
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / marker_file).write_text(json.dumps(marker, indent=2) + "\n")
-    return Path(path)
+        for name, record in records.items():
+            (tmp / name).write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def read_marker(
@@ -120,10 +124,7 @@ def read_marker(
     marker_path = folder / marker_file
     if not marker_path.is_file():
         raise MoefyError(f"{folder} has no {marker_file}: {missing_hint}")
-    try:
-        marker = loads_json(marker_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoefyError(f"{marker_path} is corrupt ({err}): save the model again") from None
+    marker = read_json(marker_path, f"{marker_path} is corrupt", ": save the model again")
     if not isinstance(marker, dict) or marker.get("format") != format_name:
         raise MoefyError(f"{marker_path} is not a {format_name} marker: save the model again")
     version = marker.get("format_version")
@@ -146,24 +147,28 @@ def read_marker(
 
 
 def build_model(folder: Path, marker: dict[str, Any], marker_file: str) -> tuple[nn.Module, Any]:
-    """The plain model the marker names, built from the folder's config, in eval mode.
+    """The plain model the marker names, built from the folder's config with its parameters on
+    the meta device (nothing allocated; buffers such as rotary tables are real), in eval mode.
 
     Returns:
-        ``(model, dtype)``: the model in float32 and the dtype to cast it to after loading.
+        ``(model, dtype)``: the model and the dtype to cast it to after loading.
     """
     import transformers
+    from accelerate import init_empty_weights
 
     model_class = getattr(transformers, str(marker["model_class"]), None)
     if not isinstance(model_class, type) or not issubclass(model_class, nn.Module):
         raise MoefyError(
-            f"{folder / marker_file} names model class {marker['model_class']!r}, which this "
-            "transformers does not have: upgrade transformers or save again"
+            f"{folder / marker_file} names model class {marker['model_class']!r}, which is not a "
+            "transformers model class: upgrade transformers or save again"
         )
     dtype = float_dtype(marker.get("dtype", "float32"), folder / marker_file)
     safetensors_header(folder / WEIGHTS_FILE)  # a corrupt weight file fails before the build
     hf_config = read_hf_config(folder)
     try:
-        model = model_class(hf_config)
+        with init_empty_weights(include_buffers=False):
+            model = model_class(hf_config)
+        model.tie_weights()  # the meta context wraps each parameter anew, which unties them
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as err:
         raise MoefyError(f"cannot build the model from {folder / HF_CONFIG_FILE}: {err}") from None
     if (folder / "generation_config.json").is_file():
@@ -172,6 +177,7 @@ def build_model(folder: Path, marker: dict[str, Any], marker_file: str) -> tuple
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load the folder's safetensors into ``model`` strictly; a one-line error on a mismatch, a
-    corrupt file or non-finite weights."""
-    load_safetensors(model, folder / WEIGHTS_FILE)
+    """Load the folder's safetensors into ``model`` (built by :func:`build_model`) strictly,
+    assigning the saved tensors; a one-line error on a mismatch, a corrupt file or non-finite
+    weights."""
+    load_safetensors_assigned(model, folder / WEIGHTS_FILE)

@@ -110,6 +110,82 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike) -> None:
     check_finite(model, path)
 
 
+def load_safetensors_assigned(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file into a model whose parameters are on the meta device.
+
+    The saved tensors become the model's parameters and buffers (``assign=True``: nothing is
+    allocated twice). Tensors saved once for several names (tied embeddings) are given to every
+    name and tied again. Counters that are not saved (non-persistent integer buffers left on the
+    meta device) start at zero.
+
+    Args:
+        model: a model of exactly the structure the file was saved from, built on meta.
+        path: the ``.safetensors`` file.
+
+    Raises:
+        MoefyError: a corrupt or truncated file, names or shapes that do not match the model,
+            a tensor the file does not give, or weights holding nan or inf; one line naming
+            the file.
+
+    Example:
+        >>> load_safetensors_assigned(model, "runs/moe/model.safetensors")
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safetensors_header(path)  # a corrupt or truncated file fails here, with its own message
+    aliases = _alias_groups(model)
+    try:
+        state = load_file(str(path))
+        for names in aliases:
+            given = next((name for name in names if name in state), None)
+            for name in names if given is not None else ():
+                state.setdefault(name, state[given])
+        model.load_state_dict(state, strict=True, assign=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        raise MoefyError(
+            f"{path} does not match the model ({state_dict_error(err)}): save it again"
+        ) from None
+    _tie(model, aliases)
+    _start_counters(model, path)
+    check_finite(model, path)
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the state dict that share one tensor (tied weights), groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _tie(model: nn.Module, aliases: list[list[str]]) -> None:
+    """Make every name of a tied group hold the same parameter again (assign replaced them)."""
+    for first, *others in aliases:
+        tensor = model.get_parameter(first) if _is_parameter(model, first) else None
+        for name in others if tensor is not None else ():
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, tensor)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in model.get_submodule(owner)._parameters
+
+
+def _start_counters(model: nn.Module, path: str | os.PathLike) -> None:
+    """Zero the unsaved integer counters still on meta; refuse any other tensor left there."""
+    for module_name, module in model.named_modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                if buffer.is_floating_point():
+                    raise MoefyError(f"{path} does not give {module_name}.{name}: save it again")
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    left = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if left is not None:
+        raise MoefyError(f"{path} does not give {left}: save the model again")
+
+
 def check_finite(model: nn.Module, source: str | os.PathLike) -> None:
     """Refuse a model whose loaded weights or buffers hold nan or inf.
 

@@ -14,23 +14,22 @@ refused with a message that suggests sizes which divide ``d_ff``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 from moefy.errors import MoefyError
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import JsonConfig
+from moefy.moe.layout import ExpertLayout, round_up, suggest_sizes
+from moefy.validate import check_fraction, check_int
+
+__all__ = ["CONFIG_VERSION", "ExpertLayout", "MoEfyConfig"]
 
 CONFIG_VERSION = 1
-_SUGGESTIONS = 4
-# Suggested expert counts are those nearest (in log scale) to this common choice.
-_TYPICAL_EXPERTS = 64
 
 
 @dataclass(frozen=True)
-class MoEfyConfig:
+class MoEfyConfig(JsonConfig):
     """How to split each dense FFN into equal-size experts.
 
     Give exactly one of ``num_experts`` and ``expert_size``.
@@ -38,7 +37,7 @@ class MoEfyConfig:
     Attributes:
         num_experts: experts per FFN layer (E).
         expert_size: neurons per expert (S); then E = ceil(d_ff / S).
-        method: split method, a key of :data:`moefy.moe.split.SPLIT_METHODS`: ``"random"``
+        method: split method, a name in :data:`moefy.moe.split.SPLIT_METHODS`: ``"random"``
             (seeded permutation), ``"params"`` (balanced k-means on the normalised input-weight
             rows) or ``"coactivation"`` (balanced partition of the co-activation graph of a
             :class:`SparsityProfile`).
@@ -63,70 +62,24 @@ class MoEfyConfig:
     max_padding_fraction: float = 0.125
     version: int = CONFIG_VERSION
 
-    def __post_init__(self) -> None:
-        from moefy.moe.split import SPLIT_METHODS
+    VERSION: ClassVar[int] = CONFIG_VERSION
 
+    def __post_init__(self) -> None:
         if (self.num_experts is None) == (self.expert_size is None):
             raise MoefyError("MoEfyConfig: give exactly one of num_experts and expert_size")
         for name in ("num_experts", "expert_size"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise MoefyError(f"MoEfyConfig.{name} must be an integer >= 1, got {value!r}")
-        if not _is_int(self.size_multiple) or self.size_multiple < 1:
-            raise MoefyError(
-                f"MoEfyConfig.size_multiple must be an integer >= 1, got {self.size_multiple!r}"
-            )
+            if getattr(self, name) is not None:
+                check_int(f"MoEfyConfig.{name}", getattr(self, name), minimum=1)
+        check_int("MoEfyConfig.size_multiple", self.size_multiple, minimum=1)
         if self.expert_size is not None and self.expert_size % self.size_multiple:
             raise MoefyError(
                 f"MoEfyConfig.expert_size={self.expert_size} is not a multiple of "
                 f"size_multiple={self.size_multiple}"
             )
-        if not _is_int(self.seed):
-            raise MoefyError(f"MoEfyConfig.seed must be an integer, got {self.seed!r}")
-        if not 0.0 <= float(self.max_padding_fraction) < 1.0:
-            raise MoefyError(
-                "MoEfyConfig.max_padding_fraction must be in [0, 1), got "
-                f"{self.max_padding_fraction!r}"
-            )
-        if self.method not in SPLIT_METHODS:
-            known = ", ".join(sorted(SPLIT_METHODS))
-            raise MoefyError(
-                f"MoEfyConfig.method={self.method!r} is unknown (known: {known}); add one with "
-                "moefy.moe.register_split_method"
-            )
-        if self.version != CONFIG_VERSION:
-            raise MoefyError(
-                f"MoEfyConfig version {self.version!r} is not supported (this moefy reads "
-                f"version {CONFIG_VERSION})"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoEfyConfig:
-        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise MoefyError(f"MoEfyConfig.from_dict needs a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MoefyError(f"MoEfyConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """The config as a JSON string."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> MoEfyConfig:
-        """Rebuild a config from :meth:`to_json` output."""
-        try:
-            data = loads_json(text)
-        except json.JSONDecodeError as err:
-            raise MoefyError(f"MoEfyConfig: not valid JSON ({err})") from None
-        return cls.from_dict(data)
+        check_int("MoEfyConfig.seed", self.seed)
+        check_fraction("MoEfyConfig.max_padding_fraction", self.max_padding_fraction)
+        _check_method(self.method)
+        self.check_version()
 
     def layout(self, d_ff: int) -> ExpertLayout:
         """The expert layout of an FFN of width ``d_ff`` under this config.
@@ -150,15 +103,15 @@ class MoEfyConfig:
             if num_experts > d_ff:
                 raise MoefyError(
                     f"num_experts={num_experts} exceeds d_ff={d_ff}: every expert needs at least "
-                    f"one neuron; try {_suggest(d_ff, self.size_multiple)}"
+                    f"one neuron; try {suggest_sizes(d_ff, self.size_multiple)}"
                 )
-            expert_size = _round_up(math.ceil(d_ff / num_experts), self.size_multiple)
+            expert_size = round_up(math.ceil(d_ff / num_experts), self.size_multiple)
         else:
             expert_size = int(self.expert_size)
             if expert_size > d_ff:
                 raise MoefyError(
                     f"expert_size={expert_size} exceeds d_ff={d_ff}; "
-                    f"try {_suggest(d_ff, self.size_multiple)}"
+                    f"try {suggest_sizes(d_ff, self.size_multiple)}"
                 )
             num_experts = math.ceil(d_ff / expert_size)
         padding = num_experts * expert_size - d_ff
@@ -167,54 +120,21 @@ class MoEfyConfig:
                 f"{num_experts} experts of {expert_size} slots pad d_ff={d_ff} with {padding} "
                 f"zero neurons ({padding / d_ff:.1%} > max_padding_fraction="
                 f"{self.max_padding_fraction}); sizes that divide it: "
-                f"{_suggest(d_ff, self.size_multiple)}"
+                f"{suggest_sizes(d_ff, self.size_multiple)}"
             )
         base, extra = divmod(d_ff, num_experts)
         sizes = tuple(base + 1 if e < extra else base for e in range(num_experts))
         return ExpertLayout(num_experts=num_experts, expert_size=expert_size, real_sizes=sizes)
 
 
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Experts of one FFN layer.
+def _check_method(method: str) -> None:
+    """``method`` names a registered split method (looked up when a config is built, so split
+    methods registered after this module was imported count)."""
+    from moefy.moe.split import SPLIT_METHODS
 
-    Attributes:
-        num_experts: E.
-        expert_size: S, slots per expert (real neurons plus zero padding).
-        real_sizes: real neurons in each expert (E values, differing by at most one, summing to
-            d_ff); expert e has ``expert_size - real_sizes[e]`` padding slots at its end.
-    """
-
-    num_experts: int
-    expert_size: int
-    real_sizes: tuple[int, ...]
-
-    @property
-    def d_ff(self) -> int:
-        return sum(self.real_sizes)
-
-    @property
-    def padding(self) -> int:
-        return self.num_experts * self.expert_size - self.d_ff
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _suggest(d_ff: int, size_multiple: int) -> str:
-    """A few (experts x size) pairs that tile ``d_ff`` exactly with sizes of the multiple."""
-    pairs = [
-        (d_ff // size, size)
-        for size in range(size_multiple, d_ff + 1, size_multiple)
-        if d_ff % size == 0 and d_ff // size > 1
-    ]
-    if not pairs:
-        return f"an expert_size that is a multiple of {size_multiple} and divides {d_ff}"
-    pairs.sort(key=lambda p: abs(math.log2(p[0] / _TYPICAL_EXPERTS)))
-    shown = sorted(pairs[:_SUGGESTIONS], reverse=True)
-    return ", ".join(f"num_experts={e} (expert_size={s})" for e, s in shown)
+    if method not in SPLIT_METHODS:
+        known = ", ".join(sorted(SPLIT_METHODS))
+        raise MoefyError(
+            f"MoEfyConfig.method={method!r} is unknown (known: {known}); add one with "
+            "moefy.moe.register_split_method"
+        )

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from moefy.arch import FFNSite, find_ffns, get_spec, model_type_of, replace_ffn, restore_ffn
+from moefy.cost import reset_counters
 from moefy.errors import MoefyError, check_config
 from moefy.moe.config import MoEfyConfig
 from moefy.moe.module import MoEFFN
 from moefy.moe.split import SPLIT_METHODS, SplitRequest, split_neurons
+from moefy.validate import keep_or_fraction
 
 
 class CoactivationProfile(Protocol):
@@ -108,7 +110,7 @@ def moefy_(
 
     Example:
         >>> moefy_(model, MoEfyConfig(num_experts=64, method="params"))
-        >>> set_selection(model, fraction=0.25)
+        >>> set_selection(model, keep=0.25)
     """
     check_config(config, MoEfyConfig)
     if moe_layers(model):
@@ -192,32 +194,40 @@ def unmoefy(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_selection(model: nn.Module, k: int | None = None, fraction: float | None = None) -> int:
+def set_selection(
+    model: nn.Module,
+    k: int | None = None,
+    fraction: float | None = None,
+    *,
+    keep: float | None = None,
+) -> int:
     """Set how many experts every MoE layer runs per token (top-k of its selector).
 
     Args:
         model: a moefied model.
         k: experts per token (1 <= k <= E of every layer).
-        fraction: share of experts per token in (0, 1]. Neither: every expert runs.
+        fraction: former name of ``keep`` (deprecated).
+        keep: share of experts kept per token, in (0, 1]. Neither k nor keep: every expert runs.
 
     Returns:
         The number of MoE layers changed.
 
     Raises:
-        MoefyError: no MoE layers, both k and fraction, or out of range for some layer (then no
+        MoefyError: no MoE layers, both k and keep, or out of range for some layer (then no
             layer is changed).
 
     Example:
-        >>> set_selection(model, fraction=0.25)
+        >>> set_selection(model, keep=0.25)
         30
     """
+    keep = keep_or_fraction(keep, fraction, where="set_selection")
     layers = moe_layers(model)
     if not layers:
         raise MoefyError("the model has no MoE layers; call moefy_ first")
     previous = [(m.selector.k, m.selector.fraction) for m in layers]
     try:
         for moe in layers:
-            moe.selector.set_topk(k=k, fraction=fraction)
+            moe.selector.set_topk(k=k, fraction=keep)
     except MoefyError:
         for moe, (old_k, old_fraction) in zip(layers, previous, strict=True):
             moe.selector.set_topk(k=old_k, fraction=old_fraction)
@@ -225,7 +235,6 @@ def set_selection(model: nn.Module, k: int | None = None, fraction: float | None
     return len(layers)
 
 
-def reset_tally(model: nn.Module) -> None:
-    """Forget the expert selections counted so far on every MoE layer."""
-    for moe in moe_layers(model):
-        moe.reset_tally()
+# The former name of moefy.cost.reset_counters: forgets the MoE tallies (and every other swapped
+# module's counters).
+reset_tally = reset_counters

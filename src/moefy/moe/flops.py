@@ -17,9 +17,10 @@ counted because it is an analysis tool.
 
 from __future__ import annotations
 
+from moefy.cost import FLOPS_PER_MULTIPLY_ADD
 from moefy.errors import MoefyError
 
-FLOPS_PER_MULTIPLY_ADD = 2
+__all__ = ["FLOPS_PER_MULTIPLY_ADD", "ffn_flops_per_token"]
 
 
 def ffn_flops_per_token(

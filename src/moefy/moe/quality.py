@@ -71,7 +71,7 @@ def split_quality(
         moefy_(model, config, profile=profile if method == "coactivation" else None)
         try:
             for fraction in fractions:
-                set_selection(model, fraction=fraction)
+                set_selection(model, keep=fraction)
                 reset_tally(model)
                 ppl = perplexity(model, data, batch_size=batch_size, progress=progress).perplexity
                 report = flops_report(model)

@@ -4,36 +4,99 @@ Shape legend:
     N: tokens, D: model width, E: experts
 
 A selector is an ``nn.Module`` held by :class:`moefy.moe.MoEFFN` as its ``selector`` submodule,
-so whatever it learns (a router's weights, in the next issue) sits in the model's state dict and
-is saved with it. It scores experts per token and keeps the top k; a :class:`RuleSelector`
-(the oracle, the learned routers of :mod:`moefy.routing`) can also keep a per-token number of
-experts (dynamic k, relative to max). Selectors are registered by
-type name in :data:`SELECTORS`, which is how a saved model rebuilds them: a learned router is one
-subclass that overrides :meth:`ExpertSelector.scores` (and :meth:`ExpertSelector.to_dict` /
-:meth:`ExpertSelector.from_dict` for its extra settings) plus :func:`register_selector`.
+so whatever it learns (a router's weights) sits in the model's state dict and is saved with it.
+It scores experts per token and keeps the top k; a :class:`RuleSelector` (the oracle, the
+learned routers of :mod:`moefy.routing`) can also keep a per-token number of experts by another
+rule of :data:`SELECTION_RULES` (dynamic k, relative to max).
+
+Two registries, one entry per thing:
+
+- :data:`SELECTORS`: selector classes by ``selector_type``, which is how a saved model rebuilds
+  them. A learned router is one subclass that overrides :meth:`ExpertSelector.scores` (and
+  :meth:`ExpertSelector.to_dict` / :meth:`ExpertSelector.from_dict` for its extra settings) plus
+  :func:`register_selector`.
+- :data:`SELECTION_RULES`: how a :class:`RuleSelector` turns scores into a mask. A new rule is
+  one :class:`SelectionRule` subclass plus one ``SELECTION_RULES.register`` call.
+
+This module knows the MoE layer only through :class:`ExpertLayer` (what a selector reads), so it
+does not import :mod:`moefy.moe.module`.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from moefy.errors import MoefyError
 from moefy.kernels.reference import top_k_mask
+from moefy.moe.rules import (
+    DYNAMIC,
+    K_BUDGET,
+    RELATIVE,
+    SELECTION_RULES,
+    TOPK,
+    SelectionRule,
+    check_tau,
+    dynamic_k_mask,
+    relative_to_max_mask,
+    rule_budget,
+)
+from moefy.registry import Registry
 
-if TYPE_CHECKING:
-    from moefy.moe.module import MoEFFN
+__all__ = [
+    "DYNAMIC",
+    "RELATIVE",
+    "SELECTION_RULES",
+    "SELECTORS",
+    "TOPK",
+    "ExpertLayer",
+    "ExpertSelector",
+    "OracleSelector",
+    "RuleSelector",
+    "SelectionRule",
+    "check_tau",
+    "dynamic_k_mask",
+    "register_selector",
+    "relative_to_max_mask",
+    "selection_mask",
+    "selector_from_dict",
+]
 
-SELECTORS: dict[str, type[ExpertSelector]] = {}
+
+class ExpertLayer(Protocol):
+    """What a selector may read of the MoE layer it selects for (a :class:`moefy.moe.MoEFFN`)."""
+
+    d_model: int
+    num_experts: int
+    expert_size: int
+
+    def expert_norms(self, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(N, D) tokens -> (N, E) true output norm of every expert."""
+        ...
+
+
+# Modules of moefy whose import registers more selectors (kept lazy: they import this one).
+_BUILTIN_SELECTOR_MODULES = ("moefy.routing",)
+
+
+def _load_builtin_selectors() -> None:
+    for module in _BUILTIN_SELECTOR_MODULES:  # registers the learned routers
+        importlib.import_module(module)
+
+
+SELECTORS: Registry[type[ExpertSelector]] = Registry(
+    "expert selector", load=_load_builtin_selectors
+)
 
 
 def register_selector(cls: type[ExpertSelector]) -> type[ExpertSelector]:
     """Register a selector class under its ``selector_type`` (a class decorator).
+
+    Registering a type name again replaces the earlier class.
 
     Example:
         >>> @register_selector
@@ -45,8 +108,8 @@ def register_selector(cls: type[ExpertSelector]) -> type[ExpertSelector]:
     name = cls.selector_type
     if not name:
         raise MoefyError(f"{cls.__name__} needs a non-empty selector_type to be registered")
-    SELECTORS[name] = cls
-    return cls
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return SELECTORS.register(name, cls, help=doc[0] if doc else "", overwrite=True)
 
 
 class ExpertSelector(nn.Module):
@@ -108,11 +171,11 @@ class ExpertSelector(nn.Module):
     # True when scores are predicted log norms that training can fit (learned routers).
     trainable: ClassVar[bool] = False
 
-    def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, moe: ExpertLayer) -> torch.Tensor:
         """(N, D) tokens -> (N, E) expert scores, higher runs first."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, moe: ExpertLayer) -> torch.Tensor:
         """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
         if self.selects_all():  # every expert runs; no need to score them
             return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
@@ -157,81 +220,6 @@ class ExpertSelector(nn.Module):
         return f"experts={self.num_experts}, selected={self.num_selected()}"
 
 
-TOPK, DYNAMIC, RELATIVE = "topk", "dynamic", "relative"
-
-
-def dynamic_k_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per token, the smallest set of experts whose scores reach a share ``tau`` of the total.
-
-    Args:
-        scores: (N, E) non-negative scores (negative ones count as 0).
-        tau: share in (0, 1].
-
-    Returns:
-        (N, E) bool mask; every token keeps at least its best expert.
-
-    Example:
-        >>> dynamic_k_mask(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 0.6)
-        tensor([[ True,  True, False, False]])
-    """
-    scores = scores.clamp_min(0)
-    ordered, order = scores.sort(dim=-1, descending=True, stable=True)  # (N, E)
-    before = ordered.cumsum(dim=-1) - ordered  # (N, E): mass of the better experts
-    keep_sorted = before < tau * ordered.sum(dim=-1, keepdim=True)
-    keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
-
-
-def relative_to_max_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per token, the experts scoring at least ``(1 - tau)`` times the token's largest score.
-
-    Args:
-        scores: (N, E) non-negative scores (negative ones count as 0).
-        tau: in (0, 1]; 1 keeps every expert.
-
-    Returns:
-        (N, E) bool mask; every token keeps at least its best expert.
-
-    Example:
-        >>> relative_to_max_mask(torch.tensor([[4.0, 3.0, 1.0]]), 0.5)
-        tensor([[ True,  True, False]])
-    """
-    scores = scores.clamp_min(0)
-    best = scores.max(dim=-1, keepdim=True).values  # (N, 1)
-    return scores >= (1.0 - tau) * best
-
-
-def _topk_rule(selector: RuleSelector, scores: torch.Tensor) -> torch.Tensor:
-    return selector.topk_mask(scores)
-
-
-def _dynamic_rule(selector: RuleSelector, scores: torch.Tensor) -> torch.Tensor:
-    return dynamic_k_mask(scores, float(selector.tau))
-
-
-def _relative_rule(selector: RuleSelector, scores: torch.Tensor) -> torch.Tensor:
-    return relative_to_max_mask(scores, float(selector.tau))
-
-
-# rule name -> (selector, (N, E) scores) -> (N, E) mask
-SELECTION_RULES: dict[str, Callable[[RuleSelector, torch.Tensor], torch.Tensor]] = {
-    TOPK: _topk_rule,
-    DYNAMIC: _dynamic_rule,
-    RELATIVE: _relative_rule,
-}
-
-
-def check_tau(tau: Any) -> float:
-    """``tau`` as a float in (0, 1].
-
-    Raises:
-        MoefyError: otherwise.
-    """
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
-        raise MoefyError(f"tau={tau!r} must be a number in (0, 1]")
-    return float(tau)
-
-
 class RuleSelector(ExpertSelector):
     """A selector whose scores are masses (true or predicted expert norms), picked by a rule.
 
@@ -271,19 +259,16 @@ class RuleSelector(ExpertSelector):
         Raises:
             MoefyError: unknown rule, tau missing or out of range.
         """
-        if rule not in SELECTION_RULES:
-            raise MoefyError(f"unknown selection rule {rule!r} (known: {sorted(SELECTION_RULES)})")
-        if rule == TOPK:
-            if tau is not None:
-                raise MoefyError("tau applies to the dynamic and relative rules, not topk")
-        else:
-            tau = check_tau(tau)
-        self.rule, self.tau = rule, tau
+        self.tau = rule_budget(rule, tau)
+        self.rule = rule
+
+    def _rule(self) -> SelectionRule:
+        return SELECTION_RULES.get(self.rule).value
 
     def selects_all(self) -> bool:
-        return self.rule == TOPK and super().selects_all()
+        return self._rule().budget == K_BUDGET and super().selects_all()
 
-    def forward(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, moe: ExpertLayer) -> torch.Tensor:
         """(N, D) tokens -> (N, E) boolean mask of the experts to run."""
         if self.selects_all():
             return torch.ones(x.shape[0], self.num_experts, dtype=torch.bool, device=x.device)
@@ -293,7 +278,7 @@ class RuleSelector(ExpertSelector):
 
     def mask_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """(N, E) scores (masses) -> (N, E) mask by this selector's rule."""
-        return SELECTION_RULES[self.rule](self, scores)
+        return self._rule().mask(scores, k=self.num_selected(), tau=self.tau)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "rule": self.rule, "tau": self.tau}
@@ -309,7 +294,8 @@ class RuleSelector(ExpertSelector):
         )
 
     def extra_repr(self) -> str:
-        budget = f"selected={self.num_selected()}" if self.rule == TOPK else f"tau={self.tau}"
+        k_budget = self._rule().budget == K_BUDGET
+        budget = f"selected={self.num_selected()}" if k_budget else f"tau={self.tau}"
         return f"experts={self.num_experts}, rule={self.rule}, {budget}"
 
 
@@ -330,7 +316,7 @@ class OracleSelector(RuleSelector):
         # through forward (the selected experts are computed a second time).
         return self.rule == TOPK
 
-    def scores(self, x: torch.Tensor, moe: MoEFFN) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, moe: ExpertLayer) -> torch.Tensor:
         return moe.expert_norms(x)
 
     def to_dict(self) -> dict[str, Any]:
@@ -340,10 +326,6 @@ class OracleSelector(RuleSelector):
         return data
 
 
-# Modules of moefy whose import registers more selectors (kept lazy: they import this one).
-_BUILTIN_SELECTOR_MODULES = ("moefy.routing",)
-
-
 def selector_from_dict(data: dict[str, Any], *, num_experts: int, d_model: int) -> ExpertSelector:
     """Rebuild a registered selector from its :meth:`ExpertSelector.to_dict` output.
 
@@ -351,15 +333,12 @@ def selector_from_dict(data: dict[str, Any], *, num_experts: int, d_model: int) 
         MoefyError: unknown selector type.
     """
     kind = data.get("type") if isinstance(data, dict) else None
-    if isinstance(kind, str) and kind not in SELECTORS:
-        for module in _BUILTIN_SELECTOR_MODULES:  # registers the learned routers
-            importlib.import_module(module)
-    cls = SELECTORS.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if not isinstance(kind, str) or kind not in SELECTORS:  # lookup imports the routers first
         raise MoefyError(
             f"unknown expert selector {kind!r} (known: {sorted(SELECTORS)}); import the module "
             "that registers it before loading"
         )
+    cls = SELECTORS.get(kind).value
     return cls.from_dict(data, num_experts=num_experts, d_model=d_model)
 
 

@@ -1,16 +1,17 @@
-"""Save a moefied model to a folder and load it back, with no re-clustering.
+"""The MoE change of moefy's saved format: moefied (and routed) models saved and loaded back.
 
-A folder holds the Hugging Face ``config.json`` (plus ``generation_config.json`` and the
-tokenizer files when there are any), ``model.safetensors`` with the whole state dict (the MoE
-weights, slot permutations and selector state included; tied weights stored once) and
+A moefied model saves, beside the Hugging Face config and the whole state dict (MoE weights,
+slot permutations and selector or router state included; tied weights stored once),
 ``moefy_config.json``: the format version, the :class:`MoEfyConfig`, the model class and dtype,
-and per MoE layer its place, E, S and selector settings. Loading builds the base model from its
-config, swaps in empty MoE layers of the recorded shapes and loads the state dict strictly.
+and per MoE layer its place, E, S and selector settings. Loading swaps empty MoE layers of the
+recorded shapes into the base model built on the meta device, after comparing every recorded
+size with the safetensors header, and the state dict is then loaded strictly.
+:func:`save` and :func:`from_pretrained` are :func:`moefy.save` and :func:`moefy.load` for
+models that must be moefied.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,23 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from moefy.arch import find_ffns, replace_ffn
+from moefy.arch import FFNSite, find_ffns, replace_ffn
 from moefy.errors import MoefyError
-from moefy.io import FOLDER, atomic_path, check_output
-from moefy.jsonconfig import loads_json
-from moefy.models.hf_config import HF_CONFIG_FILE, read_hf_config
-from moefy.models.weights import float_dtype, load_safetensors, safetensors_header
+from moefy.jsonconfig import read_json
+from moefy.models.hf_config import HF_CONFIG_FILE
+from moefy.models.weights import float_dtype
 from moefy.moe.config import MoEfyConfig
 from moefy.moe.convert import moe_layers
 from moefy.moe.module import MoEFFN, check_slots
 from moefy.moe.selectors import selector_from_dict
+from moefy.saving.changes import ChangeFormat, Header, register_format, same_place
 
 FORMAT_NAME = "moefy-moe"
 FORMAT_VERSION = 1
 MOEFY_CONFIG_FILE = "moefy_config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-GENERATION_CONFIG_FILE = "generation_config.json"
 # layer record fields: integers (the smallest allowed value) and booleans
 _LAYER_INTS = {"index": 0, "num_experts": 1, "expert_size": 1, "d_ff": 1}
 _LAYER_BOOLS = ("gated", "in_bias", "out_bias")
@@ -46,7 +45,7 @@ _SLOT_CODE = "I64"
 def save(
     model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False
 ) -> Path:
-    """Write a moefied model to the folder ``path`` atomically (it replaces any old folder).
+    """Write a moefied model (and any other change moefy made to it) to the folder ``path``.
 
     Args:
         model: a moefied Hugging Face model.
@@ -66,19 +65,26 @@ def save(
         >>> save(model, "runs/moe", tokenizer=tokenizer)
         >>> same = from_pretrained("runs/moe")
     """
-    from safetensors.torch import save_model
+    from moefy.saving.folder import save as save_changed
 
-    layers = moe_layers(model)
-    if not layers:
+    if not moe_layers(model):
         raise MoefyError("the model has no MoE layers; save a dense model with save_pretrained")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise MoefyError("save needs a Hugging Face model (one with a .config)")
+    return save_changed(model, path, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _capture(model: nn.Module) -> dict[str, Any] | None:
+    """The record of a moefied model's MoE layers, or None for a model without any."""
+    layers = moe_layers(model)
+    if not layers:
+        return None
     unplaced = [moe for moe in layers if not moe.site_name or moe.layer_index < 0]
     if unplaced:
         raise MoefyError("save needs MoE layers made by moefy_ or from_pretrained (with a place)")
     moefy_config = layers[0].moefy_config
-    record = {
+    return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "model_class": type(model).__name__,
@@ -86,29 +92,13 @@ def save(
         "moefy_config": None if moefy_config is None else moefy_config.to_dict(),
         "layers": [moe.layer_record() for moe in layers],
     }
-    path = check_output(path, FOLDER, overwrite=overwrite, option="path")
-    with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
-        tmp.mkdir()
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(tmp)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / MOEFY_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return path
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
     for name in (HF_CONFIG_FILE, WEIGHTS_FILE, MOEFY_CONFIG_FILE):
         if not (folder / name).is_file():
             raise MoefyError(f"{folder}: missing {name}; not a folder written by moefy.save")
-    try:
-        record = loads_json((folder / MOEFY_CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoefyError(f"{folder / MOEFY_CONFIG_FILE}: corrupt JSON ({err})") from None
+    record = read_json(folder / MOEFY_CONFIG_FILE, f"{folder / MOEFY_CONFIG_FILE}: corrupt JSON")
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
         raise MoefyError(f"{folder / MOEFY_CONFIG_FILE}: not a moefy MoE config")
     version = record.get("version")
@@ -176,20 +166,6 @@ def _raise_first(where: Path, problems: list[tuple[Any, str]], total: int, todo:
     raise MoefyError(f"{where}: layer {label} {problem}{more}: {todo}")
 
 
-def _build_base_model(folder: Path, record: dict[str, Any]) -> nn.Module:
-    import transformers
-
-    config = read_hf_config(folder)
-    model_class = getattr(transformers, str(record["model_class"]), None)
-    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
-        raise MoefyError(f"model class {record['model_class']!r} is not a transformers model class")
-    dtype = float_dtype(record["dtype"], folder / MOEFY_CONFIG_FILE)
-    model = model_class(config).to(dtype)
-    if (folder / GENERATION_CONFIG_FILE).is_file() and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
-    return model
-
-
 def _empty_moe(site_weights: Any, entry: dict[str, Any], device: Any = None) -> MoEFFN:
     """An MoE layer of the recorded shapes (checked by :func:`_check_layer_records`), zeroed;
     on ``device="meta"`` (under ``torch.device("meta")``) it allocates nothing."""
@@ -209,14 +185,22 @@ def _empty_moe(site_weights: Any, entry: dict[str, Any], device: Any = None) -> 
     )
 
 
-def _moe_prefix(site: Any) -> str:
-    """Where the MoE layer of ``site`` sits in the state dict (in the block, for inline FFNs)."""
-    return f"{site.name}.{site.spec.up}" if site.spec.inline else site.name
+def _moe_prefix(site: Any, header: Header) -> str:
+    """Where the MoE layer of ``site`` sits in the saved state dict: in the block, for inline
+    FFNs; deeper where a change made after moefying wraps it (a dropped MLP or block keeps it
+    under ``base_layer``), found as the one saved ``perm`` whose path holds the site's path."""
+    prefix = f"{site.name}.{site.spec.up}" if site.spec.inline else site.name
+    if f"{prefix}.perm" in header:
+        return prefix
+    nested = [
+        key.removesuffix(".perm")
+        for key in header
+        if key.endswith(".perm") and same_place(f"{prefix}.perm", key)
+    ]
+    return nested[0] if len(nested) == 1 else prefix
 
 
-def _layer_vs_weights(
-    entry: dict[str, Any], site: Any, header: dict[str, tuple[tuple[int, ...], str]], name: str
-) -> str | None:
+def _layer_vs_weights(entry: dict[str, Any], site: Any, header: Header, name: str) -> str | None:
     """What is wrong with a layer record against its model site and the weights' header, or
     None; the comparison builds the layer on the meta device, so no record allocates memory."""
     weights = site.weights()
@@ -225,7 +209,7 @@ def _layer_vs_weights(
             f"records d_ff={entry['d_ff']}, gated={entry['gated']} but the model config gives "
             f"d_ff={weights.d_ff}, gated={weights.gated}"
         )
-    prefix = _moe_prefix(site)
+    prefix = _moe_prefix(site, header)
     slots = header.get(f"{prefix}.perm")
     if slots is None:
         return f"has no weights in {name} (no {prefix}.perm)"
@@ -260,13 +244,14 @@ def _layer_vs_weights(
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:
-    """Load a model written by :func:`save`: same structure, same weights, same outputs.
+    """Load a folder written by :func:`save` (or :func:`moefy.save` of a moefied model): same
+    structure, same weights, same outputs.
 
     Args:
         path: the folder.
 
     Returns:
-        The moefied model, in eval mode.
+        The moefied model (with any other change it was saved with), in eval mode.
 
     Raises:
         MoefyError: missing or corrupt files, an unsupported format version, or weights whose
@@ -274,22 +259,21 @@ def from_pretrained(path: str | os.PathLike) -> nn.Module:
 
     Example:
         >>> model = from_pretrained("runs/moe")
-        >>> set_selection(model, fraction=0.25)
+        >>> set_selection(model, keep=0.25)
     """
+    from moefy.saving.folder import load_folder
+
     folder = Path(path)
     if not folder.is_dir():
         raise MoefyError(f"{folder}: no such folder")
-    record = _read_record(folder)
-    where = folder / MOEFY_CONFIG_FILE
-    header = safetensors_header(folder / WEIGHTS_FILE)  # a corrupt file fails before any build
-    model = _build_base_model(folder, record)
-    moefy_config = record.get("moefy_config")
-    try:
-        config = None if moefy_config is None else MoEfyConfig.from_dict(moefy_config)
-    except (TypeError, ValueError) as err:  # MoefyError included
-        raise MoefyError(f"{where}: bad moefy_config ({err}): save the model again") from None
+    return load_folder(folder, require=FORMAT_NAME)
+
+
+def _placed_sites(
+    model: nn.Module, record: dict[str, Any], where: Path
+) -> list[tuple[dict[str, Any], FFNSite]]:
+    """Each layer record with the model's FFN site it names; one line for one that fits none."""
     sites = find_ffns(model)
-    names = {id(module): name for name, module in model.named_modules()}
     placed = []
     for entry in record["layers"]:
         index = entry["index"]
@@ -303,22 +287,54 @@ def from_pretrained(path: str | os.PathLike) -> nn.Module:
                 f"{where}: layer {index} is {entry['name']!r} there but {site.name!r} in the model"
             )
         placed.append((entry, site))
-    # every recorded size is compared with the weights before any MoE layer is allocated
+    return placed
+
+
+def _replay(
+    model: nn.Module, record: dict[str, Any], header: Header, folder: Path
+) -> list[tuple[MoEFFN, int]]:
+    """Swap empty MoE layers of the recorded shapes (on the meta device) into ``model``, after
+    comparing every recorded size with the weights' header."""
+    where = folder / MOEFY_CONFIG_FILE
+    moefy_config = record.get("moefy_config")
+    try:
+        config = None if moefy_config is None else MoEfyConfig.from_dict(moefy_config)
+    except (TypeError, ValueError) as err:  # MoefyError included
+        raise MoefyError(f"{where}: bad moefy_config ({err}): save the model again") from None
+    placed = _placed_sites(model, record, where)
     problems = [
         (entry["index"], problem)
         for entry, site in placed
         if (problem := _layer_vs_weights(entry, site, header, WEIGHTS_FILE)) is not None
     ]
     _raise_first(where, problems, len(placed), "the files do not belong together; save again")
+    names = {id(module): name for name, module in model.named_modules()}
     built: list[tuple[MoEFFN, int]] = []
     for entry, site in placed:
-        moe = _empty_moe(site.weights(), entry)
+        with torch.device("meta"):  # the saved tensors are assigned to it when loaded
+            moe = _empty_moe(site.weights(), entry, device="meta")
         moe.layer_index, moe.site_name = entry["index"], site.name
         moe.block_name = names[id(site.block)]
         moe.moefy_config = config
         moe.keep_dense_skeleton(replace_ffn(model, site, moe))
         built.append((moe, entry["d_ff"]))
-    load_safetensors(model, folder / WEIGHTS_FILE)
+    return built
+
+
+def _finish(model: nn.Module, record: dict[str, Any], built: list[tuple[MoEFFN, int]]) -> None:
     for moe, d_ff in built:
         check_slots(moe.perm, d_ff)
-    return model.eval()
+
+
+register_format(
+    ChangeFormat(
+        name=FORMAT_NAME,
+        file=MOEFY_CONFIG_FILE,
+        rank=20,
+        capture=_capture,
+        read=_read_record,
+        replay=_replay,
+        finish=_finish,
+        missing_hint="not a folder written by moefy.save of a moefied model",
+    )
+)

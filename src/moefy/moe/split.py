@@ -6,8 +6,8 @@ Shape legend:
 
 Every method returns ``labels``, an (F,) int64 tensor of expert ids whose counts equal the
 layout's ``real_sizes`` exactly (balanced experts), and is reproducible for a given seed.
-Methods are looked up by name in :data:`SPLIT_METHODS`; adding one is a function plus
-:func:`register_split_method`.
+Methods are looked up by name in :data:`SPLIT_METHODS` (a :class:`moefy.registry.Registry`);
+adding one is a function plus one :func:`register_split_method` call above it.
 
 The balanced clustering here replaces the constrained k-means of research code (a min-cost-flow
 per iteration, minutes per layer) by spherical k-means whose assignment step is a Sinkhorn
@@ -25,7 +25,8 @@ import torch.nn.functional as Fn
 
 from moefy.arch.spec import FFNWeights
 from moefy.errors import MoefyError
-from moefy.moe.config import ExpertLayout
+from moefy.moe.layout import ExpertLayout
+from moefy.registry import Registry
 
 KMEANS_ITERATIONS = 25
 # Sinkhorn temperature relative to the spread (std) of the similarities.
@@ -85,33 +86,44 @@ class SplitMethod:
     needs_coactivation: bool = False
 
 
-SPLIT_METHODS: dict[str, SplitMethod] = {}
+class _SplitMethods(Registry[SplitMethod]):
+    """The split-method registry; ``SPLIT_METHODS[name]`` is the :class:`SplitMethod` itself."""
+
+    def __getitem__(self, name: str) -> SplitMethod:
+        return self.get(name).value
+
+
+SPLIT_METHODS: Registry[SplitMethod] = _SplitMethods("split method")
 
 
 def register_split_method(
-    name: str, *, needs_coactivation: bool = False, overwrite: bool = False
+    name: str,
+    *,
+    needs_coactivation: bool = False,
+    help: str = "",
+    overwrite: bool = False,  # noqa: A002
 ) -> Callable[[SplitFn], SplitFn]:
     """Register a split method under ``name`` (a decorator).
 
     Args:
         name: the value of ``MoEfyConfig.method`` that selects it.
         needs_coactivation: the method needs co-activation counts from a profile.
+        help: one line for ``moefy splits`` and the docs.
         overwrite: replace an existing method of that name.
 
     Returns:
         The decorator; it returns the function unchanged.
 
     Example:
-        >>> @register_split_method("contiguous")
+        >>> @register_split_method("contiguous", help="neurons in dense order")
         ... def contiguous(request):
         ...     sizes = request.capacities
         ...     return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
     """
 
     def decorator(fn: SplitFn) -> SplitFn:
-        if name in SPLIT_METHODS and not overwrite:
-            raise MoefyError(f"split method {name!r} is registered already; pass overwrite=True")
-        SPLIT_METHODS[name] = SplitMethod(split=fn, needs_coactivation=needs_coactivation)
+        method = SplitMethod(split=fn, needs_coactivation=needs_coactivation)
+        SPLIT_METHODS.register(name, method, help=help, overwrite=overwrite)
         return fn
 
     return decorator
@@ -121,15 +133,13 @@ def split_neurons(method: str, request: SplitRequest) -> torch.Tensor:
     """Run the split method ``method`` and check that its experts are balanced.
 
     Args:
-        method: a key of :data:`SPLIT_METHODS`.
+        method: a name in :data:`SPLIT_METHODS`.
         request: the layer to split.
 
     Returns:
         (E, S) int64 slot table: the dense neuron index in each expert slot, -1 for padding.
     """
-    entry = SPLIT_METHODS.get(method)
-    if entry is None:
-        raise MoefyError(f"unknown split method {method!r} (known: {sorted(SPLIT_METHODS)})")
+    entry = SPLIT_METHODS.get(method).value
     if entry.needs_coactivation and request.coactivation is None:
         raise MoefyError(f"split method {method!r} needs co-activation counts: pass profile=")
     labels = entry.split(request)
@@ -149,7 +159,8 @@ def expert_slots(labels: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
         (E, S) int64 dense neuron index per slot, -1 where the slot is padding.
 
     Example:
-        >>> expert_slots(torch.tensor([1, 0, 1, 0]), MoEfyConfig(num_experts=2).layout(4))
+        >>> layout = ExpertLayout(num_experts=2, expert_size=2, real_sizes=(2, 2))
+        >>> expert_slots(torch.tensor([1, 0, 1, 0]), layout)
         tensor([[1, 3],
                 [0, 2]])
     """
@@ -483,17 +494,23 @@ def input_features(weights: FFNWeights) -> torch.Tensor:
     return torch.cat([Fn.normalize(p.detach().float(), dim=1) for p in parts], dim=1)
 
 
-@register_split_method("random")
+@register_split_method("random", help="a seeded random partition (the baseline)")
 def _split_random(request: SplitRequest) -> torch.Tensor:
     return random_partition(request.capacities, seed=request.seed)
 
 
-@register_split_method("params")
+@register_split_method(
+    "params", help="balanced k-means on the normalised input-weight rows (no data needed)"
+)
 def _split_params(request: SplitRequest) -> torch.Tensor:
     return balanced_kmeans(input_features(request.weights), request.capacities, seed=request.seed)
 
 
-@register_split_method("coactivation", needs_coactivation=True)
+@register_split_method(
+    "coactivation",
+    needs_coactivation=True,
+    help="balanced partition of the co-activation graph of a profile",
+)
 def _split_coactivation(request: SplitRequest) -> torch.Tensor:
     assert request.coactivation is not None
     F = request.layout.d_ff

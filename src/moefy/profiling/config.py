@@ -1,19 +1,19 @@
 """Configuration of the activation-sparsity profiler.
 
 One frozen dataclass, validated on construction, with a ``version`` field and a JSON round trip
-(:meth:`ProfileConfig.to_dict` / :meth:`ProfileConfig.from_dict`), so the CLI, a recipe file and
+(:class:`moefy.jsonconfig.JsonConfig`'s ``to_dict`` / ``from_dict``), so the CLI, a recipe file and
 Python build the same object.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from moefy.errors import MoefyError
+from moefy.jsonconfig import JsonConfig
+from moefy.validate import check_bool, check_choice, check_fraction, check_int, check_number
 
 PROFILE_CONFIG_VERSION = 1
 
@@ -23,7 +23,7 @@ ACTIVE_RULE_NAMES = ("contribution", "nonzero", "magnitude")
 
 
 @dataclass(frozen=True)
-class ProfileConfig:
+class ProfileConfig(JsonConfig):
     """How :func:`moefy.profiling.profile` measures activation sparsity.
 
     Notation: h is the (F,) vector of neuron activations of one token (the input of the down
@@ -73,6 +73,8 @@ class ProfileConfig:
     progress: bool = False
     version: int = PROFILE_CONFIG_VERSION
 
+    VERSION: ClassVar[int] = PROFILE_CONFIG_VERSION
+
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen: normalise in place once, here
         set_field(self, "shares", _sorted_unique(self.shares, "shares", float))
@@ -80,68 +82,22 @@ class ProfileConfig:
             self, "rms_thresholds", _sorted_unique(self.rms_thresholds, "rms_thresholds", float)
         )
         set_field(self, "chunk_sizes", _sorted_unique(self.chunk_sizes, "chunk_sizes", int))
-        _check_int(self.batch_size, "batch_size", minimum=1)
-        _check_int(self.num_hot, "num_hot", minimum=0)
-        _check_int(self.version, "version", minimum=1)
+        check_int("ProfileConfig.batch_size", self.batch_size, minimum=1)
+        check_int("ProfileConfig.num_hot", self.num_hot, minimum=0)
         for p in self.shares:
-            _check_open_unit(p, "each of shares")
+            check_fraction("ProfileConfig.shares", p, zero=False)
         for t in self.rms_thresholds:
             if not (math.isfinite(t) and t > 0):
                 raise MoefyError(f"ProfileConfig.rms_thresholds must be > 0, got {t}")
         for n in self.chunk_sizes:
-            _check_int(n, "each of chunk_sizes", minimum=1)
-        if self.active_rule not in ACTIVE_RULE_NAMES:
-            raise MoefyError(
-                f"ProfileConfig.active_rule must be one of {', '.join(ACTIVE_RULE_NAMES)}, "
-                f"got {self.active_rule!r}"
-            )
-        _check_open_unit(self.active_share, "active_share")
-        _check_open_unit(self.hot_share, "hot_share")
-        if not (isinstance(self.active_threshold, (int, float)) and self.active_threshold >= 0):
-            raise MoefyError(
-                f"ProfileConfig.active_threshold must be >= 0, got {self.active_threshold!r}"
-            )
+            check_int("ProfileConfig.chunk_sizes", n, minimum=1)
+        check_choice("ProfileConfig.active_rule", self.active_rule, ACTIVE_RULE_NAMES)
+        check_fraction("ProfileConfig.active_share", self.active_share, zero=False)
+        check_fraction("ProfileConfig.hot_share", self.hot_share, zero=False)
+        check_number("ProfileConfig.active_threshold", self.active_threshold, minimum=0.0)
         for flag in ("coactivation", "progress"):
-            if not isinstance(getattr(self, flag), bool):
-                raise MoefyError(f"ProfileConfig.{flag} must be true or false")
-        if self.version > PROFILE_CONFIG_VERSION:
-            raise MoefyError(
-                f"ProfileConfig version {self.version} is newer than this moefy understands "
-                f"({PROFILE_CONFIG_VERSION}); upgrade moefy"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
-        return {
-            field.name: list(value) if isinstance(value, tuple) else value
-            for field in dataclasses.fields(self)
-            for value in (getattr(self, field.name),)
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProfileConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys are an error.
-
-        Args:
-            data: a mapping of field names to values (lists are accepted for tuple fields).
-
-        Returns:
-            The validated config.
-
-        Example:
-            >>> ProfileConfig.from_dict({"batch_size": 2, "shares": [0.9]}).shares
-            (0.9,)
-        """
-        if not isinstance(data, Mapping):
-            raise MoefyError(f"a ProfileConfig must be a JSON object, got {type(data).__name__}")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MoefyError(
-                f"unknown ProfileConfig field(s): {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
+            check_bool(f"ProfileConfig.{flag}", getattr(self, flag))
+        self.check_version()
 
 
 def _sorted_unique(values: Any, name: str, kind: type) -> tuple:
@@ -156,13 +112,3 @@ def _sorted_unique(values: Any, name: str, kind: type) -> tuple:
         if kind is int and value != int(value):
             raise MoefyError(f"ProfileConfig.{name} must hold whole numbers, got {value!r}")
     return tuple(sorted({kind(v) for v in values}))
-
-
-def _check_int(value: Any, name: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MoefyError(f"ProfileConfig.{name} must be a whole number >= {minimum}, got {value!r}")
-
-
-def _check_open_unit(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise MoefyError(f"ProfileConfig.{name} must be between 0 and 1 (exclusive), got {value!r}")

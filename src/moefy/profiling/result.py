@@ -1,170 +1,47 @@
 """The result of profiling: per-layer sparsity summaries, the raw sums behind them, and the
-co-activation counts, saved to and loaded from one folder.
+co-activation counts, saved to and loaded from one folder (files: :mod:`moefy.profiling.storage`).
 
 Shape legend:
     F: FFN width (d_ff) of a layer, K: |h| histogram bins, P: contribution shares,
     C: chunk sizes
-
-Folder layout (written atomically by :meth:`SparsityProfile.save`):
-    summary.json              version, config, model fingerprint, data, per-layer summaries
-    arrays.safetensors        the float64 accumulator sums, keys ``layer.{i}.{name}``
-    coactivation.safetensors  only with ``coactivation=True``: (F, F) float64 per layer,
-                              keys ``layer.{i}``; read one layer at a time, never at load
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moefy.arch import find_ffns, model_type_of
 from moefy.dist import is_main_process
 from moefy.errors import MoefyError
-from moefy.io import FOLDER, atomic_path
-from moefy.jsonconfig import loads_json
 from moefy.profiling.accumulators import fraction_below, histogram_quantile
 from moefy.profiling.config import ProfileConfig
+from moefy.profiling.fingerprint import model_fingerprint
+from moefy.profiling.layer_summary import LayerSparsity, summarise, table_rows
+from moefy.profiling.storage import (
+    ARRAYS_FILE,
+    COACTIVATION_FILE,
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    SUMMARY_FILE,
+    read_profile,
+    write_profile,
+)
 
-PROFILE_VERSION = 1
-PROFILE_FORMAT = "moefy.sparsity_profile"
-SUMMARY_FILE = "summary.json"
-ARRAYS_FILE = "arrays.safetensors"
-COACTIVATION_FILE = "coactivation.safetensors"
-_PERCENT = 100.0
-# the contribution shares shown in the printed table (when the config measured them)
-_TABLE_SHARES = (0.5, 0.9, 0.99)
-_TABLE_CHUNK = 16
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies a model's FFN layout: checked before a profile is applied to a model.
-
-    Args:
-        model: a supported model.
-
-    Returns:
-        ``{"model_type", "num_layers", "d_model", "d_ff" (list, one per layer), "model_name"}``;
-        ``model_name`` is ``config.name_or_path`` or ``""``.
-
-    Example:
-        >>> model_fingerprint(model)["d_ff"][:2]
-        [1536, 1536]
-    """
-    sites = find_ffns(model)
-    weights = [site.weights() for site in sites]
-    config = getattr(model, "config", None)
-    return {
-        "model_type": model_type_of(model),
-        "num_layers": len(sites),
-        "d_model": weights[0].d_model,
-        "d_ff": [w.d_ff for w in weights],
-        "model_name": str(getattr(config, "name_or_path", "") or ""),
-    }
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """The sparsity of one FFN layer, summarised over all profiled tokens.
-
-    Attributes:
-        index: layer number (encoder first for encoder-decoder models).
-        name: module path of the FFN.
-        d_ff: F, the number of neurons.
-        tokens: tokens seen.
-        rms: root mean square of h over all tokens and neurons.
-        exact_zero_fraction: fraction of h that is exactly 0.
-        below_rms_fraction: ``{t: fraction of |h| < t * rms}`` for the config's rms_thresholds
-            (to within one histogram bin, see ``moefy.profiling.accumulators``).
-        contribution_fraction: ``{p: mean over tokens of the fraction of neurons in the smallest
-            set carrying share p of sum(|h_i| * ||W_down[:, i]||)}``.
-        active_fraction: mean over tokens of the fraction of active neurons (config rule).
-        chunk_union_fraction: ``{n: mean over chunks of n consecutive tokens of the fraction of
-            neurons active for at least one of them}``; ``None`` when the blocks are shorter
-            than n.
-        hot_fraction: fraction of neurons (the most frequently active) that carries
-            ``hot_share`` of all activations.
-        never_active: neurons never active.
-        hot_neurons: ids of the most frequently active neurons, most frequent first.
-    """
-
-    index: int
-    name: str
-    d_ff: int
-    tokens: int
-    rms: float
-    exact_zero_fraction: float
-    below_rms_fraction: dict[float, float]
-    contribution_fraction: dict[float, float]
-    active_fraction: float
-    chunk_union_fraction: dict[int, float | None]
-    hot_fraction: float
-    never_active: int
-    hot_neurons: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (dict keys become strings)."""
-        out = asdict(self)
-        for key in ("below_rms_fraction", "contribution_fraction", "chunk_union_fraction"):
-            out[key] = {f"{k:g}": v for k, v in out[key].items()}
-        out["hot_neurons"] = list(self.hot_neurons)
-        return out
-
-
-def _summarise(
-    index: int, name: str, sums: dict[str, torch.Tensor], config: ProfileConfig
-) -> LayerSparsity:
-    """One layer's summary from its accumulated sums (see ``LayerAccumulator``)."""
-    F = sums["firing_counts"].numel()
-    tokens = float(sums["tokens"])
-    values = max(tokens * F, 1.0)
-    rms = math.sqrt(float(sums["sum_squares"]) / values)
-    counts = torch.arange(F + 1, dtype=torch.float64)
-    active_mean = float((counts * sums["active_count_histogram"]).sum()) / max(tokens, 1.0)
-    chunk_union: dict[int, float | None] = {}
-    for n, union, chunks in zip(
-        config.chunk_sizes, sums["chunk_union"].tolist(), sums["chunk_count"].tolist(), strict=True
-    ):
-        chunk_union[n] = union / (chunks * F) if chunks > 0 else None
-    firing = sums["firing_counts"]  # (F,)
-    order = torch.sort(firing, descending=True, stable=True).indices  # (F,)
-    cumulative = firing[order].cumsum(0)  # (F,), exact: sums of whole numbers in float64
-    total = float(cumulative[-1])
-    if total > 0:
-        target = torch.tensor([config.hot_share * total], dtype=torch.float64)
-        hot_fraction = (int(torch.searchsorted(cumulative, target).item()) + 1) / F
-    else:
-        hot_fraction = 0.0
-    hot = [int(i) for i in order[: config.num_hot] if firing[i] > 0]
-    return LayerSparsity(
-        index=index,
-        name=name,
-        d_ff=F,
-        tokens=int(tokens),
-        rms=rms,
-        exact_zero_fraction=float(sums["exact_zeros"]) / values,
-        below_rms_fraction={
-            t: fraction_below(sums["abs_histogram"], t * rms) for t in config.rms_thresholds
-        },
-        contribution_fraction={
-            p: float(needed) / values
-            for p, needed in zip(config.shares, sums["contribution_needed"].tolist(), strict=True)
-        },
-        active_fraction=active_mean / F,
-        chunk_union_fraction=chunk_union,
-        hot_fraction=hot_fraction,
-        never_active=int((firing == 0).sum()),
-        hot_neurons=tuple(hot),
-    )
+__all__ = [
+    "ARRAYS_FILE",
+    "COACTIVATION_FILE",
+    "PROFILE_FORMAT",
+    "PROFILE_VERSION",
+    "SUMMARY_FILE",
+    "LayerSparsity",
+    "SparsityProfile",
+    "model_fingerprint",
+]
 
 
 class SparsityProfile:
@@ -209,7 +86,7 @@ class SparsityProfile:
         self._coactivation = coactivation
         self._coactivation_file = coactivation_file
         self.layers = [
-            _summarise(i, name, sums, config)
+            summarise(i, name, sums, config)
             for i, (name, sums) in enumerate(zip(layer_names, layer_sums, strict=True))
         ]
 
@@ -321,31 +198,8 @@ class SparsityProfile:
     # ------------------------------------------------------------------ reporting
 
     def table_rows(self) -> list[dict[str, object]]:
-        """One row per layer for a printed table (percentages).
-
-        Columns: layer, zero % (exact zeros), neurons carrying 50/90/99 % of the contribution
-        mass (the shares measured), mean active %, union % over chunks of 16 tokens (or the
-        largest chunk size), the share of neurons carrying ``hot_share`` of all activations.
-        """
-        shares = [p for p in _TABLE_SHARES if p in self.config.shares] or list(self.config.shares)
-        sizes = self.config.chunk_sizes
-        chunk = _TABLE_CHUNK if _TABLE_CHUNK in sizes else max(sizes)
-        rows = []
-        for layer in self.layers:
-            row: dict[str, object] = {
-                "layer": layer.index,
-                "zero %": _PERCENT * layer.exact_zero_fraction,
-            }
-            for p in shares:
-                row[f"p{_PERCENT * p:g} neurons %"] = _PERCENT * layer.contribution_fraction[p]
-            row["active %"] = _PERCENT * layer.active_fraction
-            union = layer.chunk_union_fraction[chunk]
-            row[f"chunk{chunk} union %"] = "-" if union is None else _PERCENT * union
-            row[f"hot{_PERCENT * self.config.hot_share:g} neurons %"] = (
-                _PERCENT * layer.hot_fraction
-            )
-            rows.append(row)
-        return rows
+        """One row per layer for a printed table (percentages); see :func:`table_rows`."""
+        return table_rows(self.layers, self.config)
 
     def summary(self) -> dict[str, Any]:
         """The JSON content of ``summary.json``."""
@@ -377,22 +231,14 @@ class SparsityProfile:
         path = Path(path)
         if not is_main_process():
             return path
-        with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
-            tmp.mkdir()
-            arrays = {
-                f"layer.{i}.{name}": tensor.contiguous()
-                for i, sums in enumerate(self._sums)
-                for name, tensor in sums.items()
-            }
-            save_file(arrays, str(tmp / ARRAYS_FILE), metadata={"format": PROFILE_FORMAT})
-            if self._coactivation is not None:
-                save_file(
-                    {f"layer.{i}": c.contiguous() for i, c in enumerate(self._coactivation)},
-                    str(tmp / COACTIVATION_FILE),
-                )
-            elif self._coactivation_file is not None:
-                shutil.copyfile(self._coactivation_file, tmp / COACTIVATION_FILE)
-            (tmp / SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
+        write_profile(
+            path,
+            self.summary(),
+            self._sums,
+            coactivation=self._coactivation,
+            coactivation_file=self._coactivation_file,
+            overwrite=overwrite,
+        )
         if self._coactivation is None and self._coactivation_file is not None:
             self._coactivation_file = path / COACTIVATION_FILE
         return path
@@ -414,62 +260,12 @@ class SparsityProfile:
         Example:
             >>> SparsityProfile.load("runs/profile").table_rows()[0]["active %"]
         """
-        path = Path(path)
-        summary_file = path / SUMMARY_FILE
-        if not summary_file.is_file():
-            raise MoefyError(
-                f"no sparsity profile at {path}: expected a folder with {SUMMARY_FILE} and "
-                f"{ARRAYS_FILE}, written by 'moefy profile' or SparsityProfile.save"
-            )
-        try:
-            summary = loads_json(summary_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MoefyError(
-                f"{summary_file} is corrupt ({err}); profile the model again"
-            ) from None
-        if not isinstance(summary, dict) or summary.get("format") != PROFILE_FORMAT:
-            raise MoefyError(f"{summary_file} is not a moefy sparsity profile")
-        version = summary.get("version")
-        if not isinstance(version, int) or version > PROFILE_VERSION:
-            raise MoefyError(
-                f"{path} was written by a newer moefy (profile version {version}; this moefy reads "
-                f"up to {PROFILE_VERSION}): upgrade moefy"
-            )
-        try:
-            config = ProfileConfig.from_dict(summary["config"])
-            names = [layer["name"] for layer in summary["layers"]]
-            fingerprint = dict(summary["fingerprint"])
-            has_coactivation = bool(summary["has_coactivation"])
-        except (KeyError, TypeError) as err:
-            raise MoefyError(
-                f"{summary_file} is incomplete (missing {err}); profile again"
-            ) from None
-        try:
-            arrays = load_file(str(path / ARRAYS_FILE))
-        except (OSError, SafetensorError) as err:
-            raise MoefyError(
-                f"{path / ARRAYS_FILE} is missing or corrupt ({err}); profile again"
-            ) from None
-        layer_sums: list[dict[str, torch.Tensor]] = [{} for _ in names]
-        for key, tensor in arrays.items():
-            _, index, name = key.split(".", 2)
-            if not index.isdigit() or int(index) >= len(names):
-                raise MoefyError(f"{path / ARRAYS_FILE} holds an unexpected array {key!r}")
-            layer_sums[int(index)][name] = tensor
-        expected = {"tokens", "firing_counts", "active_count_histogram", "abs_histogram"}
-        for i, sums in enumerate(layer_sums):
-            if not expected <= set(sums):
-                raise MoefyError(
-                    f"{path / ARRAYS_FILE} lacks the arrays of layer {i}; profile again"
-                )
-        coactivation_file = path / COACTIVATION_FILE if has_coactivation else None
-        if coactivation_file is not None and not coactivation_file.is_file():
-            raise MoefyError(f"{coactivation_file} is missing although {summary_file} lists it")
+        stored = read_profile(path)
         return cls(
-            config=config,
-            fingerprint=fingerprint,
-            layer_names=names,
-            layer_sums=layer_sums,
-            data=summary.get("data"),
-            coactivation_file=coactivation_file,
+            config=stored.config,
+            fingerprint=stored.fingerprint,
+            layer_names=stored.layer_names,
+            layer_sums=stored.layer_sums,
+            data=stored.data,
+            coactivation_file=stored.coactivation_file,
         )

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 from moefy.errors import MoefyError
-from moefy.jsonconfig import is_number, loads_json
+from moefy.jsonconfig import JsonConfig
+from moefy.validate import check_choice, check_fraction, check_int, check_number
 
 CONFIG_VERSION = 1
+# dtypes the collected router inputs may be stored in
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+# settings that count something: integers >= 1
+_COUNTS = ("hidden", "tokens_per_layer", "epochs", "batch_size", "forward_batch_size", "rounds")
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class RouterConfig(JsonConfig):
     """How to build and train one router per MoE layer.
 
     Attributes:
         router: a key of :data:`moefy.routing.ROUTERS` (``mlp``, ``linear``, ``centroid``;
             ``centroid`` is built from the weights, not trained).
         hidden: hidden width H of the ``mlp`` router.
-        loss: a key of :data:`moefy.routing.train.ROUTER_LOSSES`: ``listwise`` (cross-entropy
+        loss: a key of :data:`moefy.routing.losses.ROUTER_LOSSES`: ``listwise`` (cross-entropy
             of the predicted against the true share of each expert in the token's total norm;
             only order and shares matter for selection) or ``mse`` (regression of log norms).
         tokens_per_layer: size of the bounded sample of (input, true norms) pairs kept per
@@ -61,9 +64,11 @@ class RouterConfig:
     rounds: int = 1
     version: int = CONFIG_VERSION
 
+    VERSION: ClassVar[int] = CONFIG_VERSION
+
     def __post_init__(self) -> None:
+        from moefy.routing.losses import ROUTER_LOSSES
         from moefy.routing.routers import ROUTERS
-        from moefy.routing.train import ROUTER_LOSSES
 
         if self.router not in ROUTERS:
             raise MoefyError(
@@ -74,70 +79,12 @@ class RouterConfig:
             raise MoefyError(
                 f"RouterConfig.loss={self.loss!r} is unknown (known: {sorted(ROUTER_LOSSES)})"
             )
-        for name in (
-            "hidden",
-            "tokens_per_layer",
-            "epochs",
-            "batch_size",
-            "forward_batch_size",
-            "rounds",
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise MoefyError(f"RouterConfig.{name} must be an integer >= 1, got {value!r}")
-        if not _is_int(self.seed):
-            raise MoefyError(f"RouterConfig.seed must be an integer, got {self.seed!r}")
-        if not is_number(self.lr) or self.lr <= 0:
-            raise MoefyError(f"RouterConfig.lr must be > 0, got {self.lr!r}")
-        if not is_number(self.weight_decay) or self.weight_decay < 0:
-            raise MoefyError(f"RouterConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not is_number(self.holdout_fraction) or not 0.0 < self.holdout_fraction < 1.0:
-            raise MoefyError(
-                f"RouterConfig.holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}"
-            )
-        if not is_number(self.report_fraction) or not 0.0 < self.report_fraction <= 1.0:
-            raise MoefyError(
-                f"RouterConfig.report_fraction must be in (0, 1], got {self.report_fraction!r}"
-            )
-        if self.storage_dtype not in ("float32", "bfloat16", "float16"):
-            raise MoefyError(
-                "RouterConfig.storage_dtype must be float32, bfloat16 or float16, got "
-                f"{self.storage_dtype!r}"
-            )
-        if self.version != CONFIG_VERSION:
-            raise MoefyError(
-                f"RouterConfig version {self.version!r} is not supported (this moefy reads "
-                f"version {CONFIG_VERSION})"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RouterConfig:
-        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise MoefyError(f"RouterConfig.from_dict needs a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MoefyError(f"RouterConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """The config as a JSON string."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> RouterConfig:
-        """Rebuild a config from :meth:`to_json` output."""
-        try:
-            data = loads_json(text)
-        except json.JSONDecodeError as err:
-            raise MoefyError(f"RouterConfig: not valid JSON ({err})") from None
-        return cls.from_dict(data)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        for name in _COUNTS:
+            check_int(f"RouterConfig.{name}", getattr(self, name), minimum=1)
+        check_int("RouterConfig.seed", self.seed)
+        check_number("RouterConfig.lr", self.lr, above=0.0)
+        check_number("RouterConfig.weight_decay", self.weight_decay, minimum=0.0)
+        check_fraction("RouterConfig.holdout_fraction", self.holdout_fraction, zero=False)
+        check_fraction("RouterConfig.report_fraction", self.report_fraction, zero=False, one=True)
+        check_choice("RouterConfig.storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        self.check_version()

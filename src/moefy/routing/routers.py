@@ -10,7 +10,7 @@ with the default ``listwise`` training loss, up to a per-token scale, which no r
 which the selection rules in :data:`moefy.moe.selectors.SELECTION_RULES` (shared with the
 oracle) turn into a mask:
 
-- ``topk``: the ``k`` (or ``fraction`` of E) highest scores, as every selector;
+- ``topk``: the ``k`` (or ``keep`` share of E) highest scores, as every selector;
 - ``dynamic``: per token, the smallest set of experts whose scores reach a share ``tau`` of the
   token's total (DSTI / D2DMoE dynamic k);
 - ``relative``: the experts scoring at least ``(1 - tau)`` times the token's largest score.
@@ -29,6 +29,8 @@ from torch import nn
 
 from moefy.errors import MoefyError
 from moefy.moe.selectors import TOPK, RuleSelector, register_selector
+from moefy.registry import Registry
+from moefy.validate import keep_or_fraction
 
 if TYPE_CHECKING:
     from moefy.moe.module import MoEFFN
@@ -125,19 +127,23 @@ class Router(RuleSelector):
         return cls(moe.num_experts, moe.d_model, **settings).to(moe.w_in.device)
 
 
-ROUTERS: dict[str, type[Router]] = {}
+# router name (its selector_type) -> router class; ``RouterConfig.router`` and the CLI read it
+ROUTERS: Registry[type[Router]] = Registry("router")
 
 
 def register_router(cls: type[Router]) -> type[Router]:
-    """Register a router class (as a selector too, so saved models rebuild it).
+    """Register a router class under its ``selector_type`` (as a selector too, so saved models
+    rebuild it); the first line of its docstring is its help.
 
     Example:
         >>> @register_router
         ... class MyRouter(Router):
+        ...     '''Scores experts by something new.'''
         ...     selector_type = "mine"
     """
     register_selector(cls)
-    ROUTERS[cls.selector_type] = cls
+    summary = (cls.__doc__ or "").strip().splitlines()
+    ROUTERS.register(cls.selector_type, cls, help=summary[0] if summary else "")
     return cls
 
 
@@ -254,7 +260,7 @@ def attach_routers(model: nn.Module, router: str, **settings: Any) -> list[Route
 
     Args:
         model: a moefied model.
-        router: a key of :data:`ROUTERS` (``centroid``, ``linear``, ``mlp``).
+        router: a name in :data:`ROUTERS` (``centroid``, ``linear``, ``mlp``).
         **settings: constructor settings (``hidden``, ``fraction``, ``rule``, ``tau`` ...).
 
     Returns:
@@ -265,12 +271,11 @@ def attach_routers(model: nn.Module, router: str, **settings: Any) -> list[Route
     """
     from moefy.moe.convert import moe_layers
 
-    if router not in ROUTERS:
-        raise MoefyError(f"unknown router {router!r} (known: {sorted(ROUTERS)})")
+    router_class = ROUTERS.get(router).value
     layers = moe_layers(model)
     if not layers:
         raise MoefyError("the model has no MoE layers; call moefy_ first")
-    routers = [ROUTERS[router].for_layer(moe, **settings) for moe in layers]
+    routers = [router_class.for_layer(moe, **settings) for moe in layers]
     for moe, new in zip(layers, routers, strict=True):
         moe.selector = new
     return routers
@@ -292,8 +297,9 @@ def set_routing(
     rule: str = TOPK,
     *,
     k: int | Sequence[int] | None = None,
-    fraction: float | Sequence[float] | None = None,
+    keep: float | Sequence[float] | None = None,
     tau: float | Sequence[float] | None = None,
+    fraction: float | Sequence[float] | None = None,
 ) -> int:
     """Set the selection rule of every MoE layer, with one budget or a budget per layer.
 
@@ -301,46 +307,65 @@ def set_routing(
         model: a moefied model whose layers hold rule selectors (a :class:`Router` or the
             oracle, see :class:`~moefy.moe.selectors.RuleSelector`; ``topk`` works with any).
         rule: ``topk``, ``dynamic`` or ``relative``.
-        k, fraction: top-k budget, a value or one per layer.
+        k: top-k budget in experts, a value or one per layer.
+        keep: top-k budget as the share of experts kept per token, in (0, 1], a value or one
+            per layer.
         tau: dynamic / relative budget in (0, 1], a value or one per layer.
+        fraction: former name of ``keep`` (deprecated).
 
     Returns:
         The number of layers changed.
 
     Raises:
         MoefyError: no MoE layers, a budget list of the wrong length, tau outside (0, 1], a
-            non-topk rule on a selector without rules (then no layer is changed).
+            non-topk rule on a selector without rules (then no layer is changed), ``keep``
+            and ``fraction`` both given.
 
     Example:
+        >>> set_routing(model, "topk", keep=0.25)
+        30
         >>> set_routing(model, "dynamic", tau=[0.9] * 10 + [0.8] * 20)
         30
     """
     from moefy.moe.convert import moe_layers
 
+    keep = keep_or_fraction(keep, fraction, where="set_routing")
     layers = moe_layers(model)
     if not layers:
         raise MoefyError("the model has no MoE layers; call moefy_ first")
     n = len(layers)
-    ks, fractions, taus = (
-        _per_layer(*item, n) for item in (("k", k), ("fraction", fraction), ("tau", tau))
-    )
+    ks, keeps, taus = (_per_layer(*item, n) for item in (("k", k), ("keep", keep), ("tau", tau)))
     previous = [m.selector.to_dict() for m in layers]
     try:
-        for moe, k_i, fraction_i, tau_i in zip(layers, ks, fractions, taus, strict=True):
-            selector = moe.selector
-            if isinstance(selector, RuleSelector):
-                selector.set_rule(rule, tau_i)
-            elif rule != TOPK:
-                raise MoefyError(
-                    f"layer {moe.layer_index} has a {selector.selector_type!r} selector; the "
-                    f"{rule} rule needs a router or the oracle (attach_routers or train_routers)"
-                )
-            if rule == TOPK:
-                selector.set_topk(k=k_i, fraction=fraction_i)
+        for moe, k_i, keep_i, tau_i in zip(layers, ks, keeps, taus, strict=True):
+            _set_layer_rule(moe, rule, k_i, keep_i, tau_i)
     except MoefyError:
-        for moe, old in zip(layers, previous, strict=True):
-            moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
-            if isinstance(moe.selector, RuleSelector):
-                moe.selector.set_rule(old.get("rule", TOPK), old.get("tau"))
+        restore_selection(layers, previous)
         raise
     return n
+
+
+def _set_layer_rule(moe: MoEFFN, rule: str, k: Any, keep: Any, tau: Any) -> None:
+    selector = moe.selector
+    if isinstance(selector, RuleSelector):
+        selector.set_rule(rule, tau)
+    elif rule != TOPK:
+        raise MoefyError(
+            f"layer {moe.layer_index} has a {selector.selector_type!r} selector; the "
+            f"{rule} rule needs a router or the oracle (attach_routers or train_routers)"
+        )
+    if rule == TOPK:
+        selector.set_topk(k=k, fraction=keep)
+
+
+def restore_selection(layers: Sequence[MoEFFN], saved: Sequence[dict[str, Any]]) -> None:
+    """Put back each layer's top-k budget and rule from its selector's ``to_dict()``.
+
+    Example:
+        >>> saved = [moe.selector.to_dict() for moe in layers]
+        >>> restore_selection(layers, saved)
+    """
+    for moe, old in zip(layers, saved, strict=True):
+        moe.selector.set_topk(k=old["k"], fraction=old["fraction"])
+        if isinstance(moe.selector, RuleSelector):
+            moe.selector.set_rule(old.get("rule", TOPK), old.get("tau"))

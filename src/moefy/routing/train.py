@@ -28,11 +28,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as Fn
 from torch import nn
 
 from moefy.data.blocks import TokenBlocks
@@ -41,31 +40,12 @@ from moefy.errors import MoefyError, check_config
 from moefy.moe.flops import ffn_flops_per_token
 from moefy.moe.module import MoEFFN
 from moefy.routing.config import RouterConfig
+from moefy.routing.losses import ROUTER_LOSSES
 from moefy.routing.report import LayerRouterReport, RouterReport
 from moefy.routing.routers import LOG_NORM_FLOOR, ROUTERS, Router
 
+__all__ = ["ROUTER_LOSSES", "train_routers"]
 
-def _mse_log_norm_loss(predicted: torch.Tensor, log_norms: torch.Tensor) -> torch.Tensor:
-    """Regression of every expert's log norm (the D2DMoE / DSTI recipe)."""
-    return Fn.mse_loss(predicted, log_norms)
-
-
-def _listwise_loss(predicted: torch.Tensor, log_norms: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the predicted share distribution against each token's true shares.
-
-    Only the order and the shares of the norms decide top-k and dynamic-k selection, so this
-    ranking loss weighs each expert by its share of the token's total norm and ignores the
-    token's overall scale (ListNet with norms as relevance).
-    """
-    shares = log_norms.softmax(dim=-1)  # (N, E): norm / total norm per token
-    return -(shares * predicted.log_softmax(dim=-1)).sum(dim=-1).mean()
-
-
-# loss name -> ((N, E) predicted log norms, (N, E) true log norms) -> scalar loss
-ROUTER_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "mse": _mse_log_norm_loss,
-    "listwise": _listwise_loss,
-}
 
 # Layer i's router is initialised and shuffled from seed * _SEED_STRIDE + i, so it does not
 # depend on which rank trains it or on the layers trained before it.
@@ -340,19 +320,19 @@ def _fit(
 
 
 @contextlib.contextmanager
-def _routed_by(layers: list[MoEFFN], routers: list[Router], fraction: float) -> Iterator[None]:
-    """Each layer runs its router at ``fraction`` of experts for the block; then its own
+def _routed_by(layers: list[MoEFFN], routers: list[Router], keep: float) -> Iterator[None]:
+    """Each layer runs its router at the share ``keep`` of experts for the block; then its own
     selector and the routers' settings come back."""
     saved = [(moe.selector, r.k, r.fraction) for moe, r in zip(layers, routers, strict=True)]
     try:
         for moe, router in zip(layers, routers, strict=True):
-            router.set_topk(fraction=fraction)
+            router.set_topk(fraction=keep)
             moe.selector = router
         yield
     finally:
-        for moe, router, (selector, k, frac) in zip(layers, routers, saved, strict=True):
+        for moe, router, (selector, k, share) in zip(layers, routers, saved, strict=True):
             moe.selector = selector
-            router.set_topk(k=k, fraction=frac)
+            router.set_topk(k=k, fraction=share)
 
 
 def _fit_round(
@@ -422,11 +402,11 @@ def train_routers(
 ) -> RouterReport:
     """Give every MoE layer a router fitted to predict its experts' true output norms.
 
-    Each layer keeps its top-k setting (``k`` / ``fraction``); the new routers replace the
+    Each layer keeps its top-k setting (``k`` / ``keep``); the new routers replace the
     layers' selectors, so :func:`moefy.moe.save` writes them with the model.
 
     The first round learns from the dense model's inputs. With ``config.rounds`` > 1 each later
-    round runs the text through the model routed by the last round's routers (at
+    round runs the text through the model routed by the last round's routers (keeping
     ``config.report_fraction`` of experts) and trains them further on the inputs each layer then
     sees: later layers meet the routed model's hidden states at inference, not the dense ones.
 
@@ -445,9 +425,9 @@ def train_routers(
 
     Example:
         >>> report = train_routers(model, blocks, RouterConfig(router="mlp"))
-        >>> set_routing(model, fraction=0.25)
+        >>> set_routing(model, keep=0.25)
     """
-    from moefy.moe.convert import moe_layers, reset_tally
+    from moefy.moe.convert import moe_layers
 
     config = RouterConfig() if config is None else config
     check_config(config, RouterConfig)
@@ -456,19 +436,51 @@ def train_routers(
         raise MoefyError("the model has no MoE layers; call moefy_ first")
     started = time.perf_counter()
     show = progress and rank_and_world()[0] == 0
+    routers = _new_routers(layers, config)
+    figures, n_tokens = _train_rounds(model, data, layers, routers, config, show=show)
+    reports = []
+    for moe, router, figure in zip(layers, routers, figures, strict=True):
+        moe.selector = router
+        reports.append(_layer_report(moe, router, figure, config))
+    return RouterReport(
+        router=config.router,
+        config=config.to_dict(),
+        layers=reports,
+        n_tokens=n_tokens,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _new_routers(layers: list[MoEFFN], config: RouterConfig) -> list[Router]:
+    """One untrained router per layer with the layer's top-k setting; layer i's weights come
+    from seed ``seed * _SEED_STRIDE + i``, the same on every rank."""
+    router_class = ROUTERS.get(config.router).value
     routers = []
     for i, moe in enumerate(layers):
         old = moe.selector
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed * _SEED_STRIDE + i)  # same router on every rank
+            torch.manual_seed(config.seed * _SEED_STRIDE + i)
             routers.append(
-                ROUTERS[config.router].for_layer(
-                    moe,
-                    k=old.k,
-                    fraction=old.fraction,
-                    **ROUTERS[config.router].config_settings(config),
+                router_class.for_layer(
+                    moe, k=old.k, fraction=old.fraction, **router_class.config_settings(config)
                 )
             )
+    return routers
+
+
+def _train_rounds(
+    model: nn.Module,
+    data: TokenBlocks,
+    layers: list[MoEFFN],
+    routers: list[Router],
+    config: RouterConfig,
+    *,
+    show: bool,
+) -> tuple[list[torch.Tensor], int]:
+    """Collect and train ``config.rounds`` times; each layer's (7,) figures and the number of
+    calibration tokens seen (over all ranks)."""
+    from moefy.moe.convert import reset_tally
+
     # untrained recall, recall, norm share, oracle share, loss, train and held-out tokens
     figures = [torch.full((7,), float("nan"), dtype=torch.float64) for _ in layers]
     n_tokens = 0
@@ -494,41 +506,35 @@ def train_routers(
         _fit_round(
             layers, routers, reservoirs, figures, config, show=show, untrained=round_index == 0
         )
+    return figures, n_tokens
 
-    reports = []
-    for moe, router, figure in zip(layers, routers, figures, strict=True):
-        moe.selector = router
-        k = _report_k(moe, config)
-        untrained, recall, share, oracle_share, loss, n_train, n_holdout = figure.tolist()
-        expert_flops = ffn_flops_per_token(
-            moe.d_model,
-            k * moe.expert_size,
-            gated=moe.gated,
-            in_biases=moe._in_biases(),
-            out_bias=moe.b_out is not None,
-        )
-        reports.append(
-            LayerRouterReport(
-                layer=moe.layer_index,
-                experts_selected=k,
-                recall=recall,
-                untrained_recall=untrained,
-                random_recall=k / moe.num_experts,
-                norm_share=share,
-                oracle_norm_share=oracle_share,
-                router_flops=router.flops_per_token(moe.d_model),
-                saved_flops=moe.dense_flops_per_token() - expert_flops,
-                final_loss=loss,
-                n_train=int(n_train),
-                n_holdout=int(n_holdout),
-            )
-        )
-    return RouterReport(
-        router=config.router,
-        config=config.to_dict(),
-        layers=reports,
-        n_tokens=n_tokens,
-        seconds=time.perf_counter() - started,
+
+def _layer_report(
+    moe: MoEFFN, router: Router, figure: torch.Tensor, config: RouterConfig
+) -> LayerRouterReport:
+    """One layer's line of the report from its (7,) figures."""
+    k = _report_k(moe, config)
+    untrained, recall, share, oracle_share, loss, n_train, n_holdout = figure.tolist()
+    expert_flops = ffn_flops_per_token(
+        moe.d_model,
+        k * moe.expert_size,
+        gated=moe.gated,
+        in_biases=moe._in_biases(),
+        out_bias=moe.b_out is not None,
+    )
+    return LayerRouterReport(
+        layer=moe.layer_index,
+        experts_selected=k,
+        recall=recall,
+        untrained_recall=untrained,
+        random_recall=k / moe.num_experts,
+        norm_share=share,
+        oracle_norm_share=oracle_share,
+        router_flops=router.flops_per_token(moe.d_model),
+        saved_flops=moe.dense_flops_per_token() - expert_flops,
+        final_loss=loss,
+        n_train=int(n_train),
+        n_holdout=int(n_holdout),
     )
 
 

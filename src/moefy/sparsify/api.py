@@ -103,7 +103,8 @@ def sparsify_(
 
     Args:
         model: a supported model (see ``moefy.arch``), dense.
-        config: ``TopKConfig``, ``TEALConfig``, ``WINAConfig``, ``CATSConfig`` or ``CHESSConfig``.
+        config: the config of a registered method (``TEALConfig``, ...; each lives in its
+            module of :mod:`moefy.sparsify.methods`); its type picks the handler.
         data: calibration text (``load_text(...).blocks(tokenizer, "calibration")``); top-k needs
             none.
         calibration: statistics from an earlier report of the same method on the same model:
@@ -224,7 +225,7 @@ class SparsityMeasurement:
     n_tokens: int
 
     def table_rows(self) -> list[dict[str, object]]:
-        """One row per block plus a total row, for ``moefy.cli.show.print_table``."""
+        """One row per block plus a total row, for a printed table."""
         rows: list[dict[str, object]] = [
             {
                 "layer": str(layer.layer),

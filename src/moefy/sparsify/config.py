@@ -1,9 +1,14 @@
-"""One dataclass config per training-free sparsity method, with validation and a JSON round trip.
+"""The base configs of the training-free sparsity methods, their validators, the registry of
+methods and the JSON round trip.
 
-The CLI, a recipe file and Python build the same objects; :func:`config_from_dict` reads back what
-:meth:`SparsifyConfig.to_dict` wrote (the ``method`` key names the class).
+Each method's own config class lives beside its handler in ``moefy.sparsify.methods.<name>``,
+registered there with :func:`moefy.sparsify.methods.register_sparsify_method`;
+:data:`SPARSIFY_METHODS` imports the built-in ones on its first lookup, so this module imports
+none of them (and no torch). :func:`config_from_dict` reads back what
+:meth:`SparsifyConfig.to_dict` wrote (the ``method`` key names the registered method).
 
 Example:
+    >>> from moefy.sparsify import TEALConfig
     >>> config = TEALConfig(sparsity=0.5)
     >>> config_from_json(config.to_json()) == config
     True
@@ -12,12 +17,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moefy.errors import MoefyError
-from moefy.jsonconfig import loads_json
+from moefy.jsonconfig import JsonConfig, loads_json
+from moefy.registry import Registry
+from moefy.validate import check_bool, check_fraction, check_int
 
 CONFIG_VERSION = 1
 DEFAULT_BATCH_SIZE = 8
@@ -25,32 +34,102 @@ DEFAULT_MIN_CALIBRATION_TOKENS = 1024
 DEFAULT_CALIBRATION_PASSES = 2
 DEFAULT_GREEDY_STEP = 0.05
 DEFAULT_GREEDY_TOKENS = 256
-
-# method name -> config class; filled by @_register_config below.
-CONFIG_CLASSES: dict[str, type[SparsifyConfig]] = {}
+BUILTIN_METHODS_PACKAGE = "moefy.sparsify.methods"
 
 
-def _register_config(cls: type[SparsifyConfig]) -> type[SparsifyConfig]:
-    CONFIG_CLASSES[cls.method] = cls
-    return cls
+def _load_builtin_methods() -> None:
+    importlib.import_module(BUILTIN_METHODS_PACKAGE)  # each method module registers itself
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MoefyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+# method name -> handler; ``meta``: config_cls, cli_options, sweep_levels (see
+# moefy.sparsify.methods.register_sparsify_method, which fills it).
+SPARSIFY_METHODS: Registry[Any] = Registry("sparsify method", load=_load_builtin_methods)
 
 
-def _check_fraction(name: str, value: object, *, allow_zero: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (0.0 <= value < 1.0) if allow_zero else (0.0 < value < 1.0)
-    if not ok:
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise MoefyError(f"{name} must be a number in {interval}, got {value!r}")
+def config_class(method: str) -> type[SparsifyConfig]:
+    """The config class registered for ``method``; a one-line error with a close match otherwise.
+
+    Example:
+        >>> config_class("teal").__name__
+        'TEALConfig'
+    """
+    return SPARSIFY_METHODS.get(method).meta["config_cls"]
+
+
+class _ConfigClasses(Mapping):
+    """Method name -> config class, read live from :data:`SPARSIFY_METHODS`."""
+
+    def __getitem__(self, method: str) -> type[SparsifyConfig]:
+        if method not in SPARSIFY_METHODS:
+            raise KeyError(method)
+        return config_class(method)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPARSIFY_METHODS.names())
+
+    def __len__(self) -> int:
+        return len(SPARSIFY_METHODS)
+
+
+CONFIG_CLASSES: Mapping[str, type[SparsifyConfig]] = _ConfigClasses()
+
+
+def __getattr__(name: str) -> Any:
+    """Registered config classes by class name (``from moefy.sparsify.config import TEALConfig``
+    keeps working now that each lives in its method's module)."""
+    for cls in CONFIG_CLASSES.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def positive_int(text: str) -> int:
+    """Parse a whole number > 0 from an option's text (``moefy`` options and
+    :attr:`moefy.sparsify.methods.MethodOption.parse`).
+
+    Raises:
+        ValueError: not a whole number, or not > 0 (a one-line message; the CLI shows it as a
+            usage error through :func:`moefy.cli.args.argparse_type`).
+
+    Example:
+        >>> positive_int("8")
+        8
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def sparsity_for_keep(keep: float) -> float:
+    """The ``sparsity`` of a threshold method that keeps the share ``keep`` of its activations.
+
+    ``keep`` is what the sweep and the MoE methods take (the share of the FFN kept per token);
+    the threshold configs keep the papers' ``sparsity`` (the share skipped). Rounded to six
+    decimals so that ``keep=0.65`` gives ``sparsity=0.35``, not ``0.35000000000000003``.
+
+    Args:
+        keep: share kept, in (0, 1].
+
+    Returns:
+        ``1 - keep``, in [0, 1).
+
+    Raises:
+        MoefyError: ``keep`` outside (0, 1].
+
+    Example:
+        >>> sparsity_for_keep(0.65)
+        0.35
+    """
+    check_fraction("keep", keep, zero=False, one=True)
+    return round(1.0 - keep, 6)
 
 
 @dataclass(frozen=True)
-class SparsifyConfig:
+class SparsifyConfig(JsonConfig):
     """Fields every method shares.
 
     Attributes:
@@ -65,22 +144,38 @@ class SparsifyConfig:
     sparsity: float = 0.5
     version: int = CONFIG_VERSION
 
+    VERSION: ClassVar[int] = CONFIG_VERSION
+
     def __post_init__(self) -> None:
-        _check_fraction("sparsity", self.sparsity)
-        _check_int("version", self.version, 1)
-        if self.version > CONFIG_VERSION:
-            raise MoefyError(
-                f"{type(self).__name__} version {self.version} is newer than this moefy "
-                f"understands ({CONFIG_VERSION}): upgrade moefy"
-            )
+        check_fraction("sparsity", self.sparsity)
+        check_int("version", self.version, minimum=1)
+        self.check_version()
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict, ``method`` first."""
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """The config as a JSON-ready dict, ``method`` first (the key
+        :func:`config_from_dict` dispatches on)."""
+        return {"method": self.method, **super().to_dict()}
 
-    def to_json(self) -> str:
-        """The config as a JSON string."""
-        return json.dumps(self.to_dict(), indent=2)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparsifyConfig:
+        """Rebuild a config from :meth:`to_dict` output (the registered class its ``method``
+        names, which must be ``cls`` or a subclass of it; without ``method``, ``cls``'s own).
+
+        Example:
+            >>> TEALConfig.from_dict({"sparsity": 0.4}) == TEALConfig(sparsity=0.4)
+            True
+        """
+        if isinstance(data, dict) and "method" not in data and cls.method:
+            data = {"method": cls.method, **data}
+        config = config_from_dict(data)
+        if not isinstance(config, cls):
+            raise MoefyError(f"{cls.__name__}.from_dict got a {config.method} config")
+        return config
+
+    @classmethod
+    def from_json(cls, text: str) -> SparsifyConfig:
+        """Rebuild a config from :meth:`to_json` output."""
+        return cls.from_dict(_parse_json(text))
 
     def replace(self, **changes: Any) -> SparsifyConfig:
         """A copy with some fields changed (validated again)."""
@@ -109,9 +204,8 @@ class CalibratedConfig(SparsifyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("min_calibration_tokens", self.min_calibration_tokens, 1)
-        _check_int("calibration_passes", self.calibration_passes, 1)
+        for name in ("batch_size", "min_calibration_tokens", "calibration_passes"):
+            check_int(name, getattr(self, name), minimum=1)
 
 
 @dataclass(frozen=True)
@@ -137,87 +231,9 @@ class LayerwiseConfig(CalibratedConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("attention", "greedy"):
-            if not isinstance(getattr(self, name), bool):
-                raise MoefyError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        _check_fraction("greedy_step", self.greedy_step, allow_zero=False)
-        _check_int("greedy_tokens", self.greedy_tokens, 1)
-
-
-@_register_config
-@dataclass(frozen=True)
-class TopKConfig(SparsifyConfig):
-    """Top-k neurons (the Lazy Neuron Phenomenon): keep the ``k`` largest FFN activations per token.
-
-    The activations are the input of the down projection; ``k = d_ff - round(sparsity * d_ff)``.
-    Needs no calibration. Only the down projection's columns are skipped: the ranking needs every
-    activation, so the up (and gate) projections run in full.
-
-    Example:
-        >>> TopKConfig(sparsity=0.75)
-    """
-
-    method: ClassVar[str] = "topk"
-
-
-@_register_config
-@dataclass(frozen=True)
-class TEALConfig(LayerwiseConfig):
-    """TEAL: magnitude thresholds on the inputs of the FFN's (optionally attention's) linear layers.
-
-    Entry ``x_i`` of a linear layer's input is zeroed when ``|x_i| <= t``; each layer's ``t`` is
-    the quantile of ``|x|`` on calibration text that zeroes the layer's allocated share.
-
-    Example:
-        >>> TEALConfig(sparsity=0.5, attention=True)
-    """
-
-    method: ClassVar[str] = "teal"
-
-
-@_register_config
-@dataclass(frozen=True)
-class WINAConfig(LayerwiseConfig):
-    """WINA: zero ``x_i`` when ``|x_i| * ||W[:, i]||_2 <= t`` (activation times its column's norm).
-
-    ``t`` per layer is calibrated like TEAL's; stored as one threshold per input channel,
-    ``t / ||W[:, i]||``.
-
-    Example:
-        >>> WINAConfig(sparsity=0.5)
-    """
-
-    method: ClassVar[str] = "wina"
-
-
-@_register_config
-@dataclass(frozen=True)
-class CATSConfig(CalibratedConfig):
-    """CATS: zero neuron ``i`` when ``|act(gate_i(x))| <= t``; up and down then skip it.
-
-    Only for gated FFNs. ``t`` per layer is the quantile of ``|act(gate(x))|`` that zeroes
-    ``sparsity`` of the neurons on calibration text.
-
-    Example:
-        >>> CATSConfig(sparsity=0.5)
-    """
-
-    method: ClassVar[str] = "cats"
-
-
-@_register_config
-@dataclass(frozen=True)
-class CHESSConfig(CalibratedConfig):
-    """CHESS channel-wise thresholding: one threshold per FFN neuron.
-
-    Neuron ``i`` is zeroed when ``|act(gate_i(x))| * E|up_i(x)| <= t``, with ``E|up_i|`` the mean
-    magnitude of the neuron's up activation on calibration text; stored as the per-neuron
-    threshold ``t / E|up_i|``. Only for gated FFNs; up and down skip the zeroed neurons.
-
-    Example:
-        >>> CHESSConfig(sparsity=0.5)
-    """
-
-    method: ClassVar[str] = "chess"
+            check_bool(name, getattr(self, name))
+        check_fraction("greedy_step", self.greedy_step, zero=False)
+        check_int("greedy_tokens", self.greedy_tokens, minimum=1)
 
 
 def config_from_dict(data: dict[str, Any]) -> SparsifyConfig:
@@ -225,16 +241,19 @@ def config_from_dict(data: dict[str, Any]) -> SparsifyConfig:
 
     Raises:
         MoefyError: unknown method or fields, or invalid values.
+
+    Example:
+        >>> config_from_dict({"method": "teal", "sparsity": 0.5})
+        TEALConfig(sparsity=0.5, ...)
     """
     if not isinstance(data, dict):
         raise MoefyError(f"a sparsify config must be a JSON object, got {type(data).__name__}")
     fields = dict(data)
     method = fields.pop("method", None)
-    cls = CONFIG_CLASSES.get(method)  # type: ignore[arg-type]
-    if cls is None:
-        raise MoefyError(
-            f"unknown sparsify method {method!r}: use one of {', '.join(sorted(CONFIG_CLASSES))}"
-        )
+    if not isinstance(method, str):
+        names = ", ".join(SPARSIFY_METHODS.names())
+        raise MoefyError(f"unknown sparsify method {method!r}; known: {names}")
+    cls = config_class(method)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -247,8 +266,11 @@ def config_from_dict(data: dict[str, Any]) -> SparsifyConfig:
 
 def config_from_json(text: str) -> SparsifyConfig:
     """Rebuild a config from :meth:`SparsifyConfig.to_json` output."""
+    return config_from_dict(_parse_json(text))
+
+
+def _parse_json(text: str) -> Any:
     try:
-        data = loads_json(text)
+        return loads_json(text)
     except json.JSONDecodeError as err:
         raise MoefyError(f"sparsify config is not valid JSON: {err}") from None
-    return config_from_dict(data)

@@ -1,16 +1,12 @@
-"""Save and load sparsified models: HF config, safetensors with the thresholds, a versioned marker.
+"""The sparsify change of moefy's saved format: sparsified models saved and loaded back.
 
-A folder written by :func:`save_sparse` holds
-
-- ``config.json``: the Hugging Face model config;
-- ``model.safetensors``: the sparsified model's state dict (wrapped layers under
-  ``...base_layer.weight``, thresholds as ``...threshold``);
-- ``moefy_sparsify.json``: format name and version, the sparsify config, the model class and the
-  wrapped paths.
-
-:func:`load_sparse` builds the model from its config, installs the same wrappers from the
-sparsify config (the structure) and loads the state dict strictly (the numbers), so the loaded
-model computes what the saved one did.
+A sparsified model saves, beside the Hugging Face config and the whole state dict (wrapped
+layers under ``...base_layer.weight``, thresholds as ``...threshold``), ``moefy_sparsify.json``:
+format name and version, the sparsify config, the model class and the wrapped paths. Loading
+installs the same wrappers from the sparsify config on the base model built on the meta device
+(the structure), then loads the state dict strictly (the numbers), so the loaded model computes
+what the saved one did. :func:`save_sparse` and :func:`load_sparse` are :func:`moefy.save` and
+:func:`moefy.load` for models that must be sparsified.
 """
 
 from __future__ import annotations
@@ -22,13 +18,9 @@ from typing import Any
 from torch import nn
 
 from moefy.errors import MoefyError
-from moefy.models.marked import (
-    base_marker,
-    build_model,
-    load_weights,
-    read_marker,
-    write_marked_folder,
-)
+from moefy.models.marked import base_marker
+from moefy.saving.changes import ChangeFormat, Header, register_format, same_place
+from moefy.saving.folder import load_carrying, save_carrying
 from moefy.sparsify.config import config_from_dict
 from moefy.sparsify.methods import handler_for
 from moefy.sparsify.wrappers import SPARSIFY_CONFIG_ATTR, reset_counters, sparse_modules
@@ -46,16 +38,15 @@ def save_sparse(
     extra_json: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a sparsified model to the folder ``path`` atomically.
+    """Write a sparsified model (and any other change moefy made to it) to the folder ``path``.
 
     Args:
         model: a Hugging Face model changed by ``sparsify_`` (or loaded by :func:`load_sparse`).
         path: the folder to write.
-        tokenizer: optional tokenizer to save alongside.
-        extra_json: optional ``file name -> JSON-able object`` written into the same folder in
-            the same atomic step (reports, measurements).
-        overwrite: replace ``path`` if moefy wrote it before (a folder moefy did not write is
-            never replaced; see :mod:`moefy.io`).
+        tokenizer: saved alongside when given.
+        extra_json: ``file name -> JSON-able object`` written in the same atomic step (reports,
+            measurements).
+        overwrite: replace ``path`` if moefy wrote it before (as :func:`moefy.save`).
 
     Returns:
         The folder path.
@@ -67,20 +58,12 @@ def save_sparse(
         >>> sparsify_(model, TEALConfig(sparsity=0.5), blocks)
         >>> save_sparse(model, "runs/teal50")
     """
-    config = getattr(model, SPARSIFY_CONFIG_ATTR, None)
-    wrapped = [name for name, _ in sparse_modules(model)]
-    if config is None or not wrapped:
-        raise MoefyError("the model is not sparsified: call sparsify_(model, config, data) first")
-    marker = {
-        **base_marker(model, FORMAT_NAME, FORMAT_VERSION),
-        "sparsify_config": config.to_dict(),
-        "wrapped": wrapped,
-    }
-    return write_marked_folder(
+    absent = "the model is not sparsified: call sparsify_(model, config, data) first"
+    return save_carrying(
+        FORMAT_NAME,
         model,
         path,
-        MARKER_FILE,
-        marker,
+        absent=absent,
         tokenizer=tokenizer,
         extra_json=extra_json,
         overwrite=overwrite,
@@ -94,7 +77,8 @@ def load_sparse(path: str | os.PathLike) -> nn.Module:
         path: the folder.
 
     Returns:
-        The model, with its wrappers, thresholds and weights as saved.
+        The model, with its wrappers, thresholds and weights as saved (and any other change it
+        was saved with).
 
     Raises:
         MoefyError: a missing, corrupt or mismatched folder (marker, config, weights or wrapped
@@ -104,30 +88,60 @@ def load_sparse(path: str | os.PathLike) -> nn.Module:
         >>> model = load_sparse("runs/teal50")
         >>> measure(model, eval_blocks).total
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise MoefyError(f"no such folder: {folder}; give a folder written by save_sparse")
-    marker = read_marker(
-        folder,
-        MARKER_FILE,
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        ("sparsify_config", "wrapped"),
-        "it is not a moefy sparse model folder; write one with save_sparse(model, folder)",
-    )
+    return load_carrying(FORMAT_NAME, path, writer="save_sparse")
+
+
+def _capture(model: nn.Module) -> dict[str, Any] | None:
+    """The record of a sparsified model, or None for a model that is not."""
+    config = getattr(model, SPARSIFY_CONFIG_ATTR, None)
+    wrapped = [name for name, _ in sparse_modules(model)]
+    if config is None or not wrapped:
+        return None
+    return {
+        **base_marker(model, FORMAT_NAME, FORMAT_VERSION),
+        "sparsify_config": config.to_dict(),
+        "wrapped": wrapped,
+    }
+
+
+def _replay(model: nn.Module, record: dict[str, Any], header: Header, folder: Path) -> Any:
+    """Install the recorded method's wrappers (their thresholds come with the weights)."""
     try:
-        config = config_from_dict(marker["sparsify_config"])
+        config = config_from_dict(record["sparsify_config"])
     except MoefyError as err:
         raise MoefyError(f"{folder / MARKER_FILE}: {err}: save the model again") from None
-    model, dtype = build_model(folder, marker, MARKER_FILE)
     wrapped = handler_for(config).install(model, config)
-    if [name for name, _ in wrapped] != marker["wrapped"]:
+    installed = [name for name, _ in wrapped]
+    saved = record["wrapped"]
+    if (
+        not isinstance(saved, list)
+        or len(installed) != len(saved)
+        or not all(map(same_place, installed, saved))
+    ):
         raise MoefyError(
             f"{folder}: the saved wrapped layers do not match what {config.method} installs on "
             "this model: save the model again with this moefy"
         )
-    load_weights(model, folder)
-    model.to(dtype)
+    return config
+
+
+def _finish(model: nn.Module, record: dict[str, Any], config: Any) -> None:
     reset_counters(model)
     setattr(model, SPARSIFY_CONFIG_ATTR, config)
-    return model
+
+
+register_format(
+    ChangeFormat(
+        name=FORMAT_NAME,
+        file=MARKER_FILE,
+        rank=30,
+        capture=_capture,
+        replay=_replay,
+        finish=_finish,
+        missing_hint=(
+            "it is not a moefy sparse model folder; write one with save_sparse(model, folder)"
+        ),
+        version=FORMAT_VERSION,
+        required=("sparsify_config", "wrapped"),
+    )
+)

@@ -5,6 +5,7 @@ very same object), holds its calibrated thresholds as buffers (saved with the mo
 in non-persistent integer buffers, how many entries it zeroed on the text it ran on. The forward
 pass multiplies by a mask; the numbers equal those of a kernel that skips the weight columns (or
 rows) of the zeroed entries, because a zero entry contributes exactly nothing to the product.
+Each wrapper reports what it spent through the cost protocol of :mod:`moefy.cost`.
 
 Shape legend:
     N: tokens (any leading dims), I: input features of a linear layer, O: its output features,
@@ -21,6 +22,20 @@ from torch.utils.hooks import RemovableHandle
 
 from moefy import kernels
 from moefy.arch.spec import set_submodule
+from moefy.cost import FLOPS_PER_MULTIPLY_ADD, ModuleCost, reset_counters, tensor_bytes
+
+__all__ = [
+    "SPARSIFY_CONFIG_ATTR",
+    "SparseModule",
+    "ThresholdActivation",
+    "ThresholdLinear",
+    "TopKLinear",
+    "input_column_norms",
+    "linear_shape",
+    "reset_counters",
+    "sparse_modules",
+    "unsparsify",
+]
 
 SPARSIFY_CONFIG_ATTR = "moefy_sparsify_config"
 
@@ -80,6 +95,25 @@ class SparseModule(nn.Module):
         self.entries_seen.zero_()
         self.tokens_seen.zero_()
 
+    def dense_flops_per_token(self) -> int:
+        """FLOPs per token of the replaced module run densely (what the counters skip from)."""
+        raise NotImplementedError
+
+    def kept_weight_bytes(self) -> float:
+        """Weight bytes of ``base_layer`` one token reads (all of them unless overridden)."""
+        return tensor_bytes(self.base_layer.parameters())
+
+    def measured_cost(self) -> ModuleCost:
+        """The dense FLOPs of the tokens seen less 2 per skipped weight, and the bytes read.
+
+        Returns:
+            :class:`moefy.cost.ModuleCost` (the cost protocol).
+        """
+        tokens = int(self.tokens_seen)
+        skipped = int(self.zeros_seen) * self.weights_per_zero
+        flops = self.dense_flops_per_token() * tokens - FLOPS_PER_MULTIPLY_ADD * skipped
+        return ModuleCost(flops=float(flops), weight_bytes=self.kept_weight_bytes(), tokens=tokens)
+
     def _count(self, sparse: torch.Tensor) -> None:
         """Count the zero entries of the sparsified tensor (..., C): those a kernel skips."""
         with torch.no_grad():
@@ -122,6 +156,16 @@ class _InputSparseLinear(SparseModule):
             callback(args[0])  # returns None: a pre-hook's return value would replace the input
 
         return self.register_forward_pre_hook(_hook)
+
+    def dense_flops_per_token(self) -> int:
+        bias = self.out_features if self.bias is not None else 0
+        return FLOPS_PER_MULTIPLY_ADD * self.in_features * self.out_features + bias
+
+    def kept_weight_bytes(self) -> float:
+        """The weights of the kept inputs: the layer's bytes times the measured kept share."""
+        seen = int(self.entries_seen)
+        kept = 1.0 - int(self.zeros_seen) / seen if seen else 1.0
+        return tensor_bytes(self.base_layer.parameters()) * kept
 
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
         """(..., I) -> (..., I) with the dropped entries set to zero."""
@@ -179,9 +223,13 @@ class ThresholdLinear(_InputSparseLinear):
         """The (I, O) weight the kernel reads if this call of (N, I) tokens takes it, else None."""
         if torch.compiler.is_compiling():
             weight_t = self._frozen_weight_t
-            fits = weight_t is not None and kernels.threshold_linear_fits(tokens, weight_t)
-            return weight_t if fits else None
-        if not kernels.threshold_linear_ready(tokens, self.base_layer.weight, self.threshold):
+            if weight_t is None:
+                return None
+            fits = kernels.kernel_fits("threshold_linear", tokens, weight_t)
+            return weight_t if fits is not None else None
+        weight = self.base_layer.weight  # (O, I): the kernel reads a contiguous (I, O) copy
+        fits = kernels.kernel_fits("threshold_linear", tokens, weight, contiguous=False)
+        if fits is None or kernels.is_all_zero(self.threshold):  # zero thresholds: dense is exact
             return None
         return kernels.transposed_weight(self.base_layer)
 
@@ -239,6 +287,9 @@ class ThresholdActivation(SparseModule):
         >>> ThresholdActivation(nn.SiLU(), layer=0, role="act_fn", d_model=576, d_ff=1536)
     """
 
+    # The activation and the gating product act(g) * u of the gated FFN it sits in.
+    FLOPS_PER_NEURON = 2
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -266,6 +317,9 @@ class ThresholdActivation(SparseModule):
             callback(out)  # returns None: a hook's return value would replace the output
 
         return self.base_layer.register_forward_hook(_hook)
+
+    def dense_flops_per_token(self) -> int:
+        return self.FLOPS_PER_NEURON * self.d_ff
 
     def forward(self, gate: torch.Tensor) -> torch.Tensor:
         activation = self.base_layer(gate)  # (..., F)
@@ -301,9 +355,3 @@ def unsparsify(model: nn.Module) -> nn.Module:
     if hasattr(model, SPARSIFY_CONFIG_ATTR):
         delattr(model, SPARSIFY_CONFIG_ATTR)
     return model
-
-
-def reset_counters(model: nn.Module) -> None:
-    """Zero the skip counters of every wrapper in ``model``."""
-    for _, wrapper in sparse_modules(model):
-        wrapper.reset_counters()

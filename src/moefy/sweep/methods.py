@@ -2,9 +2,14 @@
 
 A method is one :class:`SweepMethod` in :data:`METHODS` (add one with :func:`register_method`):
 its family, what its level means, its default levels and a ``prepare(context, level)`` that
-returns a fresh model. The level of every FFN method is the share of the FFN it keeps (the
-fraction of experts, or one minus the target sparsity), so ``--levels 0.5,0.25`` means the same
-budget for every method; ``moe-dynk`` takes DSTI's tau, layer methods a number of layers.
+returns a fresh model. Every training-free method registered with
+:func:`moefy.sparsify.methods.register_sparsify_method` is a ``threshold`` method here too, read
+from that registry on each lookup (none is named in this module), and every layer method of
+:data:`moefy.layers.LAYER_METHODS` a ``layers`` method. The level of every FFN method is its
+keep, the share of the FFN it keeps per token (the share of experts, or one minus a threshold
+method's target sparsity, see :func:`moefy.sparsify.config.sparsity_for_keep`), so
+``--levels 0.5,0.25`` means the same budget for every method; ``moe-dynk`` takes DSTI's tau,
+layer methods a number of layers.
 """
 
 from __future__ import annotations
@@ -13,15 +18,23 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from moefy.data.blocks import TokenBlocks
 from moefy.errors import MoefyError
 from moefy.jsonconfig import is_number
+from moefy.registry import Entry, Registry
 
-KEPT_SHARE = "kept share of the FFN"
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moefy.data.blocks import TokenBlocks
+
+# what the level of an FFN method is, in tables, plots and rows
+KEEP = "keep (share of the FFN kept)"
+KEPT_SHARE = KEEP  # its former name
+LAYER_LEVELS = "layers removed"
+# default levels of a layer method that declares none (its entry's ``meta["sweep_levels"]``)
+DEFAULT_LAYER_LEVELS = (2, 4, 8)
 # methods that read trained routers from SweepConfig.routed
 ROUTED_METHODS = ("moe-mlp", "moe-linear", "moe-dynk")
 
@@ -101,10 +114,13 @@ class SweepMethod:
         level_meaning: what a level is, for tables and plots.
         default_levels: levels used when the user gives none; empty for ``dense``.
         prepare: ``(context, level) -> model`` ready to evaluate.
-        uses_shared_levels: ``--levels`` applies (a kept share); else only per-method levels.
+        uses_shared_levels: ``--levels`` applies (a keep); else only per-method levels.
         check_level: ``level -> None``, raising :class:`MoefyError` for a level the method
             cannot take; :class:`moefy.sweep.SweepConfig` calls it before any model is loaded.
             None: only ``prepare`` checks.
+        in_default: ``moefy sweep`` runs it when no ``--methods`` are given.
+        deployable: a way to run a model faster; False for bounds such as the oracle, which
+            computes every expert to choose some (the report's headline leaves them out).
     """
 
     name: str
@@ -114,16 +130,26 @@ class SweepMethod:
     prepare: Callable[[SweepContext, float | None], nn.Module]
     uses_shared_levels: bool = True
     check_level: Callable[[float | None], None] | None = None
+    in_default: bool = False
+    deployable: bool = True
 
 
-METHODS: dict[str, SweepMethod] = {}
+def _register_builtins() -> None:
+    _register_model_methods()
+    _sync_registered()
+
+
+# method name -> SweepMethod; the built-ins register on the first lookup.
+METHODS: Registry[SweepMethod] = Registry("sweep method", load=_register_builtins)
 
 
 def register_method(method: SweepMethod, *, overwrite: bool = False) -> None:
-    """Add a method to the sweep (a name already taken needs ``overwrite=True``)."""
-    if method.name in METHODS and not overwrite:
-        raise MoefyError(f"sweep method {method.name!r} exists already; pass overwrite=True")
-    METHODS[method.name] = method
+    """Add a method to the sweep (a name already taken needs ``overwrite=True``).
+
+    Example:
+        >>> register_method(SweepMethod("half", "moe", KEEP, (0.5,), prepare_half))
+    """
+    METHODS.register(method.name, method, help=method.level_meaning, overwrite=overwrite)
 
 
 def _check_share(level: float | None, method: str) -> float:
@@ -167,7 +193,7 @@ def _moe_oracle(context: SweepContext, level: float | None) -> nn.Module:
     for moe in moe_layers(model):
         if not isinstance(moe.selector, OracleSelector):
             moe.selector = OracleSelector(moe.num_experts)
-    set_selection(model, fraction=share)
+    set_selection(model, keep=share)
     return model
 
 
@@ -188,7 +214,7 @@ def _moe_router(router: str) -> Callable[[SweepContext, float | None], nn.Module
                     f"moe-{router}: the routed model at {context.routed} has {sorted(kinds)} "
                     f"selectors; train {router} routers with moefy train-routers --router {router}"
                 )
-        set_routing(model, "topk", fraction=share)
+        set_routing(model, "topk", keep=share)
         return model
 
     return prepare
@@ -204,11 +230,11 @@ def _moe_dynamic(context: SweepContext, level: float | None) -> nn.Module:
 
 
 def _threshold_config(method: str, level: float | None) -> Any:
-    """The sparsify config of a threshold method at a level (its kept share)."""
-    from moefy.sparsify import config_from_dict
+    """The sparsify config of a threshold method at a level (its keep)."""
+    from moefy.sparsify.config import config_from_dict, sparsity_for_keep
 
-    share = _check_share(level, method)
-    return config_from_dict({"method": method, "sparsity": round(1.0 - share, 6)})
+    keep = _check_share(level, method)
+    return config_from_dict({"method": method, "sparsity": sparsity_for_keep(keep)})
 
 
 def _threshold_check(method: str) -> Callable[[float | None], None]:
@@ -239,13 +265,24 @@ def _threshold(method: str) -> Callable[[SweepContext, float | None], nn.Module]
     return prepare
 
 
-def _register_builtins() -> None:
-    register_method(SweepMethod("dense", "dense", "", (), _dense, uses_shared_levels=False))
+def _register_model_methods() -> None:
+    """Dense and the MoE methods (oracle, routers, dynamic-k)."""
+    register_method(
+        SweepMethod("dense", "dense", "", (), _dense, uses_shared_levels=False, in_default=True)
+    )
     for name in ("moe-oracle", "moe-mlp", "moe-linear", "moe-centroid"):
-        prepare = _moe_oracle if name == "moe-oracle" else _moe_router(name.removeprefix("moe-"))
+        oracle = name == "moe-oracle"
+        prepare = _moe_oracle if oracle else _moe_router(name.removeprefix("moe-"))
         register_method(
             SweepMethod(
-                name, "moe", KEPT_SHARE, (0.5, 0.25, 0.125), prepare, check_level=_share_check(name)
+                name,
+                "moe",
+                KEEP,
+                (0.5, 0.25, 0.125),
+                prepare,
+                check_level=_share_check(name),
+                in_default=oracle,
+                deployable=not oracle,
             )
         )
     register_method(
@@ -259,67 +296,95 @@ def _register_builtins() -> None:
             check_level=_check_tau,
         )
     )
-    for method in ("teal", "cats", "chess", "wina", "topk"):
-        register_method(
-            SweepMethod(
-                method,
-                "threshold",
-                KEPT_SHARE,
-                (0.75, 0.5, 0.35),
-                _threshold(method),
-                check_level=_threshold_check(method),
-            )
+
+
+def _sync(source: str, entries: list[Entry], build: Callable[[Entry], SweepMethod]) -> None:
+    """Make the sweep's methods from another registry (``source`` marks them) its entries: add
+    the new ones, drop the ones unregistered there since. A sweep method registered first under
+    the same name stays."""
+    names = {entry.name for entry in entries}
+    for entry in METHODS.entries():
+        if entry.meta.get(source) and entry.name not in names:
+            METHODS.unregister(entry.name)
+    for entry in entries:
+        if entry.name not in METHODS:
+            METHODS.register(entry.name, build(entry), help=entry.help, **{source: True})
+
+
+def _sync_threshold_methods() -> None:
+    """The registered sparsify methods, as ``threshold`` methods with the levels they declared."""
+    from moefy.sparsify.config import SPARSIFY_METHODS
+
+    def build(entry: Entry) -> SweepMethod:
+        return SweepMethod(
+            entry.name,
+            "threshold",
+            KEEP,
+            entry.meta["sweep_levels"],
+            _threshold(entry.name),
+            check_level=_threshold_check(entry.name),
+            in_default=True,
         )
 
+    _sync("from_sparsify", SPARSIFY_METHODS.entries(), build)
 
-_register_builtins()
+
+def _sync_layer_methods() -> None:
+    """Every layer method of :data:`moefy.layers.LAYER_METHODS` (dropping and skipping), with
+    its help and levels (``meta["sweep_levels"]``, else :data:`DEFAULT_LAYER_LEVELS`) from its
+    entry, when that package is present."""
+    try:
+        from moefy.layers import LAYER_METHODS
+    except ImportError:
+        return
+
+    def build(entry: Entry) -> SweepMethod:
+        return SweepMethod(
+            entry.name,
+            "layers",
+            LAYER_LEVELS,
+            tuple(entry.meta.get("sweep_levels", DEFAULT_LAYER_LEVELS)),
+            _layer_method(entry.name),
+            uses_shared_levels=False,
+            check_level=_layer_check(entry.name),
+        )
+
+    _sync("from_layers", LAYER_METHODS.entries(), build)
+
+
+def _sync_registered() -> None:
+    _sync_threshold_methods()
+    _sync_layer_methods()
 
 
 def method_names() -> list[str]:
     """Every registered method, layer methods included when that package is present."""
-    _register_layer_methods()
-    return list(METHODS)
+    _sync_registered()
+    return METHODS.names()
+
+
+def default_method_names() -> list[str]:
+    """The methods ``moefy sweep`` runs when given none: dense, the oracle and every
+    training-free sparsify method."""
+    return [name for name in method_names() if METHODS.get(name).value.in_default]
 
 
 def get_method(name: str) -> SweepMethod:
-    """The method called ``name``; a one-line error naming the known ones otherwise."""
-    _register_layer_methods()
-    method = METHODS.get(name)
-    if method is None:
-        raise MoefyError(f"unknown sweep method {name!r}; known: {', '.join(METHODS)}")
-    return method
+    """The method called ``name``; a one-line error naming a close match and the known ones."""
+    _sync_registered()
+    return METHODS.get(name).value
 
 
-def _register_layer_methods() -> None:
-    """Layer dropping and skipping (``moefy.layers``), registered on first use."""
-    if "drop-attn" in METHODS:
-        return
-    try:
+def _layer_method(kind: str) -> Callable[[SweepContext, float | None], nn.Module]:
+    def prepare(context: SweepContext, level: float | None) -> nn.Module:
         from moefy.layers import apply_layer_method
-    except ImportError:
-        return
 
-    def layer_method(kind: str) -> Callable[[SweepContext, float | None], nn.Module]:
-        def prepare(context: SweepContext, level: float | None) -> nn.Module:
-            _layer_check(kind)(level)
-            model = context.load_dense()
-            apply_layer_method(model, kind, int(level), calibration=context.calibration)
-            return model
+        _layer_check(kind)(level)
+        model = context.load_dense()
+        apply_layer_method(model, kind, int(level), calibration=context.calibration)
+        return model
 
-        return prepare
-
-    for kind in ("drop-attn", "drop-mlp", "drop-block", "skip"):
-        register_method(
-            SweepMethod(
-                kind,
-                "layers",
-                "layers removed",
-                (2, 4, 8),
-                layer_method(kind),
-                uses_shared_levels=False,
-                check_level=_layer_check(kind),
-            )
-        )
+    return prepare
 
 
 def describe(path: str | Path | None) -> str | None:

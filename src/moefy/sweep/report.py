@@ -1,8 +1,9 @@
 """The sweep report: one self-contained HTML file (plots embedded as base64 PNG, no network).
 
-It holds the Pareto plots of quality against measured FFN FLOPs (one curve per method), the
-headline (the best method within 50 % and 25 % of the dense FFN FLOPs), the profile's per-layer
-plots when a profile folder is given, and the full table. The curves are also embedded as JSON
+It holds the Pareto plots of quality against measured FFN FLOPs (one curve per method in the
+rows, whichever package registered it), the headline (the best method within 50 % and 25 % of
+the dense FFN FLOPs), the profile's per-layer plots when a profile folder is given, and the full
+table. The curves are also embedded as JSON
 (``<script type="application/json" id="moefy-curves">``) so tools can read them back.
 """
 
@@ -20,14 +21,13 @@ from typing import Any
 
 from moefy.io import atomic_path
 from moefy.jsonconfig import is_number
+from moefy.sweep.methods import KEEP, get_method, method_names
 
 HEADLINE_BUDGETS = (0.5, 0.25)
 # A method "fits" a budget when its measured FFN FLOPs are within this factor of it: routers
 # and rounding add a little to the nominal share.
 BUDGET_TOLERANCE = 1.02
 
-# methods that are bounds for analysis, not ways to run a model faster
-NOT_DEPLOYABLE = ("moe-oracle",)
 
 QUALITY_PLOTS = (
     ("perplexity_ratio", "perplexity / dense perplexity", True),
@@ -54,8 +54,10 @@ def headline(
 ) -> list[dict[str, Any]]:
     """For each FFN FLOPs budget, the deployable row with the lowest perplexity that fits it.
 
-    Dense and the oracle (:data:`NOT_DEPLOYABLE`: it computes every expert to choose some) are
-    left out; the oracle stays in the plots and the table as the bound a router can reach.
+    Dense and the methods registered as not deployable (the oracle: it computes every expert to
+    choose some) are left out; they stay in the plots and the table as the bound a router can
+    reach. A method no longer registered (rows read back from an older sweep) counts as
+    deployable.
 
     Returns:
         One dict per budget: ``budget`` and ``row`` (None when nothing fits).
@@ -66,7 +68,7 @@ def headline(
             r
             for r in rows
             if r["method"] != "dense"
-            and r["method"] not in NOT_DEPLOYABLE
+            and _deployable(r["method"])
             and r.get("perplexity") is not None
             and r.get("ffn_flops_fraction") is not None
             and r["ffn_flops_fraction"] <= budget * BUDGET_TOLERANCE
@@ -74,6 +76,11 @@ def headline(
         best = min(fitting, key=lambda r: r["perplexity"], default=None)
         out.append({"budget": budget, "row": best})
     return out
+
+
+def _deployable(method: str) -> bool:
+    """Whether the sweep registers ``method`` as a way to run a model faster."""
+    return method not in method_names() or get_method(method).deployable
 
 
 def _plot_png(rows: Sequence[dict[str, Any]], metric: str, label: str, log_y: bool) -> bytes | None:
@@ -118,6 +125,16 @@ def _level_text(level: Any) -> str:
     if level is None:
         return ""
     return f"{level:g}" if is_number(level) else html.escape(str(level))
+
+
+def _level_phrase(row: dict[str, Any]) -> str:
+    """A row's level with what it means, for HTML text: ``keep 0.5``, ``level 4 (layers
+    removed)``."""
+    level = _level_text(row.get("level"))
+    meaning = row.get("level_meaning")
+    if meaning == KEEP:
+        return f"keep {level}"
+    return f"level {level} ({html.escape(str(meaning))})" if meaning else f"level {level}"
 
 
 def _script_json(data: Any) -> str:
@@ -172,6 +189,7 @@ def _fmt(value: Any, kind: str = "") -> str:
 TABLE_COLUMNS = (
     ("method", "method", ""),
     ("level", "level", ""),
+    ("level_meaning", "level is", ""),
     ("ffn_flops_fraction", "FFN FLOPs", "pct"),
     ("measured_sparsity", "weights skipped (measured)", "pct"),
     ("total_flops_per_token", "GFLOPs / token", "g"),
@@ -209,7 +227,7 @@ def _headline_html(rows: Sequence[dict[str, Any]]) -> str:
         ratio = row.get("perplexity_ratio")
         items.append(
             f"<li>within {entry['budget']:.0%} of dense FFN FLOPs: <b>{html.escape(row['method'])}"
-            f"</b> at level {_level_text(row.get('level'))} "
+            f"</b> at {_level_phrase(row)} "
             f"(FFN FLOPs {row['ffn_flops_fraction']:.1%}, "
             f"perplexity {row['perplexity']:.2f}"
             + (f", {ratio:.3f}x dense" if ratio is not None else "")

@@ -9,32 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moefy.errors import MoefyError, check_config
 from moefy.eval.config import EvalConfig
-from moefy.jsonconfig import is_number
+from moefy.jsonconfig import JsonConfig, is_number
 from moefy.sweep.cache import SweepCache, cache_key, folder_stamp
 from moefy.sweep.methods import ROUTED_METHODS, SweepContext, get_method
 
+CONFIG_VERSION = 1
 DENSE = "dense"
-# layers a layer method must keep (skip keeps the first and last block); the others may drop all
-_LAYERS_KEPT = {"skip": 2}
 REPORT_FILE = "report.html"
 ROWS_FILE = "rows.json"
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(JsonConfig):
     """What a sweep evaluates.
 
     Attributes:
         model: the dense model (a name or folder ``load_model`` takes).
         methods: method names (see :func:`moefy.sweep.method_names`); ``dense`` is always added.
-        levels: shared levels (kept share of the FFN) for methods that take them; empty means
-            each method's defaults.
+        levels: shared levels (keep: share of the FFN kept) for methods that take them; empty
+            means each method's defaults.
         method_levels: per-method levels that override ``levels``.
         eval: the evaluation config every method is scored with.
         calibration_tokens: calibration tokens for methods that calibrate.
@@ -47,6 +47,7 @@ class SweepConfig:
         dtype: dtype of every model's weights (``auto``, ``fp32``, ``bf16``, ``fp16``; ``auto``
             is bf16 on CUDA, fp32 on the CPU). A device or dtype other than the defaults is part
             of the cache key.
+        version: config format version.
     """
 
     model: str = "smollm2-135m"
@@ -61,8 +62,12 @@ class SweepConfig:
     experts: int = 64
     device: str = "auto"
     dtype: str = "auto"
+    version: int = CONFIG_VERSION
+
+    VERSION: ClassVar[int] = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        self.check_version()
         self.resolved()  # a one-line error for an unknown device or dtype, or CUDA without one
         if not self.methods:
             raise MoefyError("a sweep needs at least one method")
@@ -127,7 +132,7 @@ class SweepConfig:
         if not isinstance(num_layers, int):
             return  # not known before loading: the layer method checks it then
         for method, level in layer_pairs:
-            kept = _LAYERS_KEPT.get(method, 0)
+            kept = _layers_kept(method)
             if level is not None and level > num_layers - kept:
                 given = f"--level {method}={level:g}"
                 if method not in self.method_levels:
@@ -148,8 +153,8 @@ class SweepConfig:
             raise MoefyError("dense takes no levels: drop dense from --level")
         if self.levels and not any(get_method(m).uses_shared_levels for m in self.methods):
             raise MoefyError(
-                "--levels apply to none of the methods (they are kept shares of the FFN): give "
-                "each method's levels with --level METHOD=LEVELS"
+                "--levels apply to none of the methods (each is a keep, a share of the FFN "
+                "kept): give each method's levels with --level METHOD=LEVELS"
             )
         for name, levels in self.method_levels.items():
             if name != DENSE and not levels:
@@ -186,12 +191,6 @@ class SweepConfig:
 
         return resolve(self.device, self.dtype)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        data = dataclasses.asdict(self)
-        data["eval"] = self.eval.to_dict()
-        return data
-
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -208,6 +207,15 @@ class SweepResult:
     folder: Path
     report: Path | None
     computed: int
+
+
+def _layers_kept(method: str) -> int:
+    """Blocks a layer method always keeps (skip keeps the first and last), from its entry in
+    :data:`moefy.layers.LAYER_METHODS`; 0 for a sweep method that is not registered there."""
+    from moefy.layers import LAYER_METHODS
+
+    entry = LAYER_METHODS.find(lambda e: e.name == method)
+    return 0 if entry is None else int(entry.meta.get("kept", 0))
 
 
 def _key_parts(config: SweepConfig, method: str, level: float | None) -> dict[str, Any]:
@@ -242,6 +250,7 @@ def sweep(
     progress: bool = False,
     report: bool = True,
     overwrite: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> SweepResult:
     """Evaluate every method at every level of ``config``; write rows and ``report.html``.
 
@@ -252,16 +261,18 @@ def sweep(
     Args:
         config: the sweep.
         out: the sweep folder (cache, ``rows.json``, ``report.html``).
-        progress: show progress bars and a line per evaluation.
+        progress: show a progress bar over the dense evaluation.
         report: write the HTML report.
         overwrite: discard what an earlier sweep left in ``out``.
+        on_row: called with each row evaluated in this run (not the cached ones), on rank 0,
+            as soon as it is done; ``moefy sweep`` prints a line per row with it.
 
     Returns:
         A :class:`SweepResult`.
 
     Example:
         >>> result = sweep(SweepConfig(methods=("moe-oracle", "teal"), levels=(0.5, 0.25)),
-        ...                "runs/sweep")
+        ...                "runs/sweep", on_row=lambda row: print(row["method"], row["level"]))
         >>> result.report
         PosixPath('runs/sweep/report.html')
     """
@@ -276,96 +287,56 @@ def sweep(
     folder = working_folder(out, overwrite=overwrite) if main else contextlib.nullcontext(out)
     with folder:
         dist.barrier()  # the other ranks read the cache only once rank 0 has set the folder up
-        return _sweep(config, out, progress=progress, report=report)
+        return _sweep(config, out, progress=progress, report=report, on_row=on_row)
 
 
-def _sweep(config: SweepConfig, out: Path, *, progress: bool, report: bool) -> SweepResult:
+@dataclass
+class _Records:
+    """The (method, level) records of one sweep: the cached ones, then each new one as it is
+    done (cached at once on rank 0, so an interrupted sweep resumes where it stopped)."""
+
+    cache: SweepCache
+    keys: dict[tuple[str, float | None], str]
+    on_row: Callable[[dict[str, Any]], None] | None
+    main: bool
+    found: dict[tuple[str, float | None], dict[str, Any]] = field(default_factory=dict)
+
+    def read_cache(self) -> None:
+        for pair, key in self.keys.items():
+            cached = self.cache.get(pair[0], pair[1], key)
+            if cached is not None:
+                self.found[pair] = cached
+
+    def add(self, pair: tuple[str, float | None], record: dict[str, Any], *, shown: bool) -> None:
+        self.found[pair] = record
+        if self.main:
+            self.cache.put(pair[0], pair[1], self.keys[pair], record)
+            if shown and self.on_row is not None:
+                self.on_row(record["row"])
+
+
+def _sweep(
+    config: SweepConfig,
+    out: Path,
+    *,
+    progress: bool,
+    report: bool,
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> SweepResult:
     from moefy import dist
-    from moefy.data.text import load_text
-    from moefy.eval.agreement import dense_reference
-    from moefy.eval.cost import Cost
-    from moefy.eval.harness import evaluate, evaluation_blocks
     from moefy.io import write_json
-    from moefy.models.load import load_model
 
     out = Path(out)
-    cache = SweepCache(out)
     plan = config.plan()
     keys = {pair: cache_key(_key_parts(config, *pair)) for pair in plan}
-    records: dict[tuple[str, float | None], dict[str, Any]] = {}
-    for pair in plan:
-        cached = cache.get(pair[0], pair[1], keys[pair])
-        if cached is not None:
-            records[pair] = cached
-    todo = [pair for pair in plan if pair not in records]
-    computed = len(todo)
     main = dist.is_main_process()
+    records = _Records(SweepCache(out), keys, on_row, main)
+    records.read_cache()
+    todo = [pair for pair in plan if pair not in records.found]
+    computed = len(todo)
     if todo:
-        device, dtype = config.resolved()
-        text = load_text(config.eval.data)  # a bad --data fails before the model loads
-        dense, tokenizer = load_model(config.model, dtype=dtype, device=device)
-        blocks = evaluation_blocks(tokenizer, config.eval)
-        needs_calibration = any(get_method(m).family in ("threshold", "layers") for m, _ in todo)
-        calibration = (
-            text.blocks(tokenizer, "calibration", config.eval.block_len, config.calibration_tokens)
-            if needs_calibration
-            else None
-        )
-        _check_calibration_text(todo, calibration)  # before the dense pass, not after it
-        reference = None
-        if "agreement" in config.eval.tasks:
-            reference = dense_reference(
-                dense, blocks, config.eval.agreement_tokens, config.eval.batch_size
-            )
-        if (DENSE, None) in records:
-            reference_cost = Cost(**_cost_fields(records[(DENSE, None)]["report"]["cost"]))
-        else:
-            dense_report = evaluate(
-                dense, config.eval, tokenizer, reference=reference, blocks=blocks, progress=progress
-            )
-            reference_cost = dense_report.cost
-            records[(DENSE, None)] = _record(DENSE, None, dense_report, 0.0)
-            if main:
-                cache.put(DENSE, None, keys[(DENSE, None)], records[(DENSE, None)])
-            todo.remove((DENSE, None))
-        if reference is not None:
-            reference.cost = reference_cost
-        del dense
-        context = SweepContext(
-            model=config.model,
-            calibration=calibration,
-            moe=config.moe,
-            routed=config.routed,
-            experts=config.experts,
-            device=device,
-            dtype=dtype,
-        )
-        for method, level in _calibration_order(todo):
-            start = time.perf_counter()
-            model = get_method(method).prepare(context, level)
-            prepared = time.perf_counter() - start
-            try:
-                result = evaluate(model, config.eval, tokenizer, reference=reference, blocks=blocks)
-            except MoefyError as err:  # a nan perplexity: say which method and level gave it
-                at = "" if level is None else f" at level {level:g}"
-                raise MoefyError(f"{method}{at}: {err}") from None
-            if reference is None:  # no agreement task: the FLOPs fraction still needs dense cost
-                result = dataclasses.replace(result, dense_cost=reference_cost)
-            extra = {}
-            if get_method(method).family == "threshold":
-                from moefy.sparsify import measured_sparsity
-
-                # share of the targeted weights skipped on the evaluation text (counters since
-                # the cost meter reset them at the start of evaluate)
-                extra["measured_sparsity"] = measured_sparsity(model).total
-            records[(method, level)] = _record(method, level, result, prepared, extra)
-            if main:
-                cache.put(method, level, keys[(method, level)], records[(method, level)])
-                if progress:
-                    _print_progress(records[(method, level)]["row"])
-            del model
-            dist.barrier()
-    rows = _rows_with_ratios([records[pair]["row"] for pair in plan])
+        _evaluate_missing(config, todo, records, progress=progress)
+    rows = _rows_with_ratios([records.found[pair]["row"] for pair in plan])
     report_path = None
     if main:
         write_json(out / ROWS_FILE, rows)
@@ -376,8 +347,125 @@ def _sweep(config: SweepConfig, out: Path, *, progress: bool, report: bool) -> S
     return SweepResult(rows=rows, folder=out, report=report_path, computed=computed)
 
 
+@dataclass
+class _Evaluation:
+    """What every evaluation of one sweep run shares: text, tokenizer, the dense reference."""
+
+    tokenizer: Any
+    blocks: Any
+    calibration: Any
+    reference: Any
+    reference_cost: Any
+
+
+def _evaluate_missing(
+    config: SweepConfig,
+    todo: list[tuple[str, float | None]],
+    records: _Records,
+    *,
+    progress: bool,
+) -> None:
+    """Evaluate the ``todo`` pairs (dense first, when it is among them) into ``records``."""
+    from moefy import dist
+
+    device, dtype = config.resolved()
+    shared = _prepare_evaluation(config, todo, records, progress=progress)
+    todo = [pair for pair in todo if pair != (DENSE, None)]
+    context = SweepContext(
+        model=config.model,
+        calibration=shared.calibration,
+        moe=config.moe,
+        routed=config.routed,
+        experts=config.experts,
+        device=device,
+        dtype=dtype,
+    )
+    for method, level in _calibration_order(todo):
+        records.add(
+            (method, level), _evaluate_method(config, context, shared, method, level), shown=True
+        )
+        dist.barrier()
+
+
+def _prepare_evaluation(
+    config: SweepConfig,
+    todo: list[tuple[str, float | None]],
+    records: _Records,
+    *,
+    progress: bool,
+) -> _Evaluation:
+    """Load the text and the dense model, take its reference log-probabilities and evaluate it
+    (unless cached); the dense model is freed before the methods run."""
+    from moefy.data.text import load_text
+    from moefy.eval.agreement import dense_reference
+    from moefy.eval.cost import Cost
+    from moefy.eval.harness import evaluate, evaluation_blocks
+    from moefy.models.load import load_model
+
+    device, dtype = config.resolved()
+    text = load_text(config.eval.data)  # a bad --data fails before the model loads
+    dense, tokenizer = load_model(config.model, dtype=dtype, device=device)
+    blocks = evaluation_blocks(tokenizer, config.eval)
+    needs_calibration = any(get_method(m).family in ("threshold", "layers") for m, _ in todo)
+    calibration = (
+        text.blocks(tokenizer, "calibration", config.eval.block_len, config.calibration_tokens)
+        if needs_calibration
+        else None
+    )
+    _check_calibration_text(todo, calibration)  # before the dense pass, not after it
+    reference = None
+    if "agreement" in config.eval.tasks:
+        reference = dense_reference(
+            dense, blocks, config.eval.agreement_tokens, config.eval.batch_size
+        )
+    if (DENSE, None) in records.found:
+        reference_cost = Cost(**_cost_fields(records.found[(DENSE, None)]["report"]["cost"]))
+    else:
+        dense_report = evaluate(
+            dense, config.eval, tokenizer, reference=reference, blocks=blocks, progress=progress
+        )
+        reference_cost = dense_report.cost
+        records.add((DENSE, None), _record(DENSE, None, dense_report, 0.0), shown=False)
+    if reference is not None:
+        reference.cost = reference_cost
+    del dense
+    return _Evaluation(tokenizer, blocks, calibration, reference, reference_cost)
+
+
+def _evaluate_method(
+    config: SweepConfig,
+    context: SweepContext,
+    shared: _Evaluation,
+    method: str,
+    level: float | None,
+) -> dict[str, Any]:
+    """Prepare one method at one level and evaluate it; its record."""
+    from moefy.eval.harness import evaluate
+
+    start = time.perf_counter()
+    model = get_method(method).prepare(context, level)
+    prepared = time.perf_counter() - start
+    try:
+        result = evaluate(
+            model, config.eval, shared.tokenizer, reference=shared.reference, blocks=shared.blocks
+        )
+    except MoefyError as err:  # a nan perplexity: say which method and level gave it
+        at = "" if level is None else f" at level {level:g}"
+        raise MoefyError(f"{method}{at}: {err}") from None
+    if shared.reference is None:  # no agreement task: the FLOPs fraction still needs dense cost
+        result = dataclasses.replace(result, dense_cost=shared.reference_cost)
+    extra = {}
+    if get_method(method).family == "threshold":
+        from moefy.sparsify import measured_sparsity
+
+        # share of the targeted weights skipped on the evaluation text (counters since
+        # the cost meter reset them at the start of evaluate)
+        extra["measured_sparsity"] = measured_sparsity(model).total
+    return _record(method, level, result, prepared, extra)
+
+
 def _calibration_order(todo: list[tuple[str, float | None]]) -> list[tuple[str, float | None]]:
-    """``todo`` with each threshold method's levels sparsest first (kept share ascending), so
+    """``todo`` with each threshold method's levels sparsest first (keep ascending), so
     its greedy search runs once and the other levels reuse it; other methods keep their order."""
     first = {method: i for i, (method, _) in reversed(list(enumerate(todo)))}
 
@@ -506,19 +594,6 @@ def _json_type(value: Any) -> str:
         return "null"
     names = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
     return names.get(type(value), "a number")
-
-
-def _print_progress(row: dict[str, Any]) -> None:
-    from moefy.cli.show import console
-
-    level = "" if row["level"] is None else f" {row['level']:g}"
-    flops = row.get("ffn_flops_fraction")
-    ppl = row.get("perplexity")
-    console().print(
-        f"  {row['method']}{level}: FFN FLOPs "
-        f"{'n/a' if flops is None else f'{flops:.1%}'}, perplexity "
-        f"{'n/a' if ppl is None else f'{ppl:.2f}'} ({row['seconds']:.0f} s)"
-    )
 
 
 def _check_calibration_text(todo: list[tuple[str, float | None]], calibration: Any) -> None:

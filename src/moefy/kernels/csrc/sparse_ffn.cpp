@@ -12,6 +12,9 @@
 // expert_ffn:      out[t] = b_out + sum_{e selected by t} act(W_in_e x_t + b_in_e) @ W_out_e
 // routed_expert_ffn: a linear / MLP router's top-k experts per token, then expert_ffn over them
 // threshold_linear out[t] = bias + sum_{i : !(|x_ti| <= thr_i)} x_ti * W_t[i]   (W_t is (I, O))
+//
+// Python calls them through the bindings at the end of this file (eager calls), and they are the
+// CPU implementations of the torch.ops.moefy operators (compiled graphs).
 
 #include <torch/extension.h>
 
@@ -468,35 +471,81 @@ double stream_sum(const at::Tensor& buffer) {
   return total;
 }
 
-// The kernels as dispatcher operators too, in a namespace named after this build
-// (torch.ops.<library name>.*), so torch.compile can put them in a graph: the compiled decode
-// step calls them without returning to Python. Python registers their fake (shape) functions.
-at::Tensor routed_expert_ffn_op(const at::Tensor& x, at::TensorList router, int64_t k,
-                                at::Tensor& counts, at::Tensor& tokens_seen,
+// The CPU implementations of the torch.ops.moefy operators, whose schemas moefy/kernels/library.py
+// declares from the plain-torch twins: the calls above with the schemas' argument types
+// (activation names, the router as two lists). Registered when Python asks, so that a compiled
+// graph calls them straight from the dispatcher.
+namespace {
+
+int64_t activation_code(c10::string_view act) {
+  if (act == "relu") return kReLU;
+  if (act == "silu") return kSiLU;
+  if (act == "gelu_tanh") return kGeluTanh;
+  TORCH_CHECK(act == "gelu_erf", "unknown kernel activation ", act);
+  return kGeluErf;
+}
+
+// A threshold () or (I,) as the kernel reads it: float32 values in place.
+at::Tensor threshold_values(const at::Tensor& threshold) {
+  return threshold.to(at::kCPU, at::kFloat).contiguous();
+}
+
+at::Tensor expert_ffn_op(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& w_in,
+                         const at::Tensor& w_out, const std::optional<at::Tensor>& b_in,
+                         const std::optional<at::Tensor>& b_out, c10::string_view act,
+                         bool gated) {
+  return expert_ffn(x.contiguous(), mask.to(at::kBool).contiguous(), w_in, w_out, b_in, b_out,
+                    activation_code(act), gated);
+}
+
+at::Tensor routed_expert_ffn_op(const at::Tensor& x, at::TensorList router_weights,
+                                const c10::List<std::optional<at::Tensor>>& router_biases,
+                                int64_t k, at::Tensor& counts, at::Tensor& tokens_seen,
                                 const at::Tensor& w_in, const at::Tensor& w_out,
                                 const std::optional<at::Tensor>& b_in,
-                                const std::optional<at::Tensor>& b_out, int64_t act, bool gated) {
-  return routed_expert_ffn(x, router.vec(), k, counts, tokens_seen, w_in, w_out, b_in, b_out,
-                           act, gated);
+                                const std::optional<at::Tensor>& b_out, c10::string_view act,
+                                bool gated) {
+  TORCH_CHECK(router_weights.size() == router_biases.size(), "one bias (or None) per weight");
+  std::vector<at::Tensor> router;
+  for (size_t i = 0; i < router_weights.size(); ++i) {
+    const std::optional<at::Tensor> bias = router_biases.get(i);
+    router.push_back(router_weights[i]);
+    router.push_back(bias.has_value() ? *bias : at::empty({0}, router_weights[i].options()));
+  }
+  return routed_expert_ffn(x.contiguous(), router, k, counts, tokens_seen, w_in, w_out, b_in,
+                           b_out, activation_code(act), gated);
 }
 
-TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
-  m.def(
-      "expert_ffn(Tensor x, Tensor mask, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, "
-      "int act, bool gated) -> Tensor");
-  m.def(
-      "routed_expert_ffn(Tensor x, Tensor[] router, int k, Tensor(a!) counts, "
-      "Tensor(b!) tokens_seen, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, int act, "
-      "bool gated) -> Tensor");
-  m.def(
-      "threshold_linear(Tensor x, Tensor weight_t, Tensor? bias, Tensor threshold, "
-      "Tensor(a!)? zeros_out) -> Tensor");
+at::Tensor threshold_linear_op(const at::Tensor& x, const at::Tensor& weight_t,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& threshold,
+                               const std::optional<at::Tensor>& zeros_out) {
+  return threshold_linear(x.contiguous(), weight_t, bias, threshold_values(threshold), zeros_out);
 }
 
-TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
-  m.impl("expert_ffn", &expert_ffn);
-  m.impl("routed_expert_ffn", &routed_expert_ffn_op);
-  m.impl("threshold_linear", &threshold_linear);
+// Two threshold_linear calls; the zero inputs are counted once.
+std::tuple<at::Tensor, at::Tensor> threshold_gate_up_op(
+    const at::Tensor& x, const at::Tensor& gate_t, const at::Tensor& up_t,
+    const std::optional<at::Tensor>& gate_bias, const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& zeros_out) {
+  const at::Tensor tokens = x.contiguous();
+  const at::Tensor values = threshold_values(threshold);
+  return {threshold_linear(tokens, gate_t, gate_bias, values, zeros_out),
+          threshold_linear(tokens, up_t, up_bias, values, std::nullopt)};
+}
+
+}  // namespace
+
+void register_operators() {
+  static torch::Library library(torch::Library::IMPL, "moefy", c10::DispatchKey::CPU, __FILE__,
+                                __LINE__);  // once per process: later calls find it made
+  static const bool registered = [] {
+    library.impl("expert_ffn", &expert_ffn_op);
+    library.impl("routed_expert_ffn", &routed_expert_ffn_op);
+    library.impl("threshold_linear", &threshold_linear_op);
+    library.impl("threshold_gate_up", &threshold_gate_up_op);
+    return true;
+  }();
+  (void)registered;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -505,4 +554,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("routed_expert_ffn", &routed_expert_ffn, "router, top-k and selected experts (N, D)");
   m.def("threshold_linear", &threshold_linear, "linear layer skipping zeroed inputs (N, O)");
   m.def("stream_sum", &stream_sum, "sum of a float32 buffer (a streaming read)");
+  m.def("register_operators", &register_operators,
+        "make these the CPU implementations of the torch.ops.moefy operators");
 }
