@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moefy.arch import find_ffns
+from moefy.errors import MoefyError
 from moefy.sparsify import (
     CATSConfig,
     CHESSConfig,
@@ -206,8 +207,9 @@ def test_topk_weight_accounting_is_one_third_of_the_activation_share():
     assert measured.total == pytest.approx(0.5 / 3)
 
 
-def test_greedy_first_step_is_the_least_error_per_weight(calibration_blocks):
-    config = TEALConfig(sparsity=0.3, greedy_tokens=256, **ONE_PASS)
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_greedy_first_step_is_the_least_error_per_weight(calibration_blocks, sinks):
+    config = TEALConfig(sparsity=0.3, greedy_tokens=256, greedy_sink_positions=sinks, **ONE_PASS)
     model = tiny_model("llama")
     report = sparsify_(model, config, calibration_blocks)
     calibration = report.calibration
@@ -231,14 +233,15 @@ def test_greedy_first_step_is_the_least_error_per_weight(calibration_blocks):
         by_path[p].threshold.zero_()
     with _capture(model, [site.name], output=True) as seen:
         _run(model, sample)
-    dense_out = _flat(seen[site.name])
+    dense_out = _flat([t[:, sinks:] for t in seen[site.name]])  # sink positions left out
     costs = []
     for path in layer_paths:
         stored = thresholds_for(calibration.histograms[path], None, config.greedy_step)[1]
         by_path[path].threshold.copy_(stored)
         with _capture(model, [site.name], output=True) as seen:
             _run(model, sample)
-        error = float(((_flat(seen[site.name]).double() - dense_out.double()) ** 2).sum())
+        out = _flat([t[:, sinks:] for t in seen[site.name]])
+        error = float(((out.double() - dense_out.double()) ** 2).sum())
         costs.append(error / (config.greedy_step * weights[path]))
         by_path[path].threshold.zero_()
     first_step = calibration.trajectories[0][1]  # (W,) shares after one step
@@ -246,3 +249,25 @@ def test_greedy_first_step_is_the_least_error_per_weight(calibration_blocks):
     assert chosen == min(range(len(costs)), key=costs.__getitem__)
     for p, threshold in saved.items():
         by_path[p].threshold.copy_(threshold)
+
+
+def test_greedy_error_leaves_out_the_sink_positions():
+    from moefy.sparsify.calibrate import output_error
+
+    dense = [torch.zeros(2, 8, 3)]
+    out = torch.zeros(2, 8, 3)
+    out[:, 0] = 100.0  # a sink position: huge and left out
+    out[:, 5] = 1.0
+    assert output_error([out], dense, sink_positions=4) == pytest.approx(2 * 3)
+    assert output_error([out], dense, sink_positions=0) == pytest.approx(2 * 3 * (1 + 100.0**2))
+    # a block no longer than the sinks, and an output without a sequence axis, count whole
+    assert output_error([out[:, :4]], [dense[0][:, :4]], sink_positions=4) > 0
+    flat = out.reshape(16, 3)
+    assert output_error([flat], [torch.zeros(16, 3)], sink_positions=4) == output_error(
+        [out], dense, sink_positions=0
+    )
+
+
+def test_greedy_sink_positions_is_checked():
+    with pytest.raises(MoefyError, match="greedy_sink_positions"):
+        TEALConfig(greedy_sink_positions=-1)

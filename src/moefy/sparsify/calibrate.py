@@ -222,11 +222,22 @@ def _replay(plan: BlockPlan) -> list[torch.Tensor]:
         return [_first_tensor(plan.unit(*args, **kwargs)) for args, kwargs in plan.captured]
 
 
-def _squared_error(plan: BlockPlan, dense: Sequence[torch.Tensor]) -> float:
-    outputs = _replay(plan)
-    return float(
-        sum(((o.double() - d.double()) ** 2).sum() for o, d in zip(outputs, dense, strict=True))
-    )
+def output_error(
+    outputs: Sequence[torch.Tensor], dense: Sequence[torch.Tensor], sink_positions: int
+) -> float:
+    """Summed squared error of a unit's outputs against the dense ones, leaving out the first
+    ``sink_positions`` positions of each (B, T, D) output (all positions of shorter blocks and of
+    outputs without a sequence axis count).
+
+    Example:
+        >>> output_error([torch.ones(1, 8, 4)], [torch.zeros(1, 8, 4)], sink_positions=4)
+        16.0
+    """
+    total = 0.0
+    for out, ref in zip(outputs, dense, strict=True):
+        skip = sink_positions if out.dim() >= 3 and out.shape[1] > sink_positions else 0
+        total += float(((out[:, skip:].double() - ref[:, skip:].double()) ** 2).sum())
+    return total
 
 
 def effective_sparsity(shares: torch.Tensor, weights: torch.Tensor) -> float:
@@ -244,6 +255,7 @@ def greedy_trajectories(
     *,
     target: float,
     step: float,
+    sink_positions: int = 0,
     progress: bool,
 ) -> dict[int, torch.Tensor]:
     """TEAL's block-wise greedy search, recorded step by step.
@@ -261,6 +273,8 @@ def greedy_trajectories(
         batch_size: blocks per forward pass.
         target: share of each block's weights to skip.
         step: sparsity added to one wrapper per step.
+        sink_positions: leading positions of each block left out of the error (attention
+            sinks: see :class:`moefy.sparsify.config.LayerwiseConfig`).
         progress: show a progress bar.
 
     Returns:
@@ -283,7 +297,9 @@ def greedy_trajectories(
         for plan in tqdm(
             plans, desc="greedy allocation", unit="block", disable=not progress or rank != 0
         ):
-            trajectories[plan.layer] = _greedy_block(plan, histograms, scales, target, step)
+            trajectories[plan.layer] = _greedy_block(
+                plan, histograms, scales, target, step, sink_positions
+            )
     finally:
         for plan in plans:
             plan.captured.clear()
@@ -298,6 +314,7 @@ def _greedy_block(
     scales: Sequence[torch.Tensor | None],
     target: float,
     step: float,
+    sink_positions: int,
 ) -> torch.Tensor:
     weights = torch.tensor([w.scope_weights for w in plan.wrappers], dtype=torch.float64)  # (W,)
 
@@ -318,7 +335,7 @@ def _greedy_block(
             if increments[j] <= 0:
                 continue
             _set(j, float(shares[j] + increments[j]))
-            errors[j] = _squared_error(plan, dense)
+            errors[j] = output_error(_replay(plan), dense, sink_positions)
             _set(j, float(shares[j]))
         finite = torch.isfinite(errors)
         errors = all_reduce_sum_(torch.where(finite, errors, 0.0)).masked_fill(~finite, math.inf)

@@ -33,6 +33,10 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_MIN_CALIBRATION_TOKENS = 1024
 DEFAULT_CALIBRATION_PASSES = 2
 DEFAULT_GREEDY_STEP = 0.05
+# Leading positions of each block whose output error the greedy search leaves out: the
+# attention-sink tokens (StreamingLLM keeps 4), whose FFN outputs are orders of magnitude larger
+# than the rest and would otherwise decide every step.
+DEFAULT_GREEDY_SINK_POSITIONS = 4
 DEFAULT_GREEDY_TOKENS = 256
 BUILTIN_METHODS_PACKAGE = "moefy.sparsify.methods"
 
@@ -221,12 +225,18 @@ class LayerwiseConfig(CalibratedConfig):
         greedy_step: sparsity added to one layer per greedy step.
         greedy_tokens: calibration tokens on which the greedy search measures output error (the
             first blocks of the calibration text, kept in memory for the search).
+        greedy_sink_positions: leading positions of every block left out of that error. The
+            first tokens of a sequence (attention sinks) have FFN outputs far larger than the
+            rest; counted, they hold almost all of the summed error and the search optimises for
+            them alone (on SmolLM2-135M: 96-97 % of a block's error from position 0). 0 counts
+            every position.
     """
 
     attention: bool = False
     greedy: bool = True
     greedy_step: float = DEFAULT_GREEDY_STEP
     greedy_tokens: int = DEFAULT_GREEDY_TOKENS
+    greedy_sink_positions: int = DEFAULT_GREEDY_SINK_POSITIONS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -234,6 +244,7 @@ class LayerwiseConfig(CalibratedConfig):
             check_bool(name, getattr(self, name))
         check_fraction("greedy_step", self.greedy_step, zero=False)
         check_int("greedy_tokens", self.greedy_tokens, minimum=1)
+        check_int("greedy_sink_positions", self.greedy_sink_positions, minimum=0)
 
 
 def config_from_dict(data: dict[str, Any]) -> SparsifyConfig:

@@ -419,6 +419,7 @@ def _extend_greedy(
         config.batch_size,
         target=config.sparsity,
         step=config.greedy_step,
+        sink_positions=config.greedy_sink_positions,
         progress=progress,
     )
     calibration.greedy_reach = config.sparsity
