@@ -7,8 +7,7 @@ Shape legend:
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as Fn
@@ -168,41 +167,25 @@ def route(
     return mask
 
 
-def route_then(namespace: Mapping[str, Callable[..., torch.Tensor]]) -> Callable[..., torch.Tensor]:
-    """A ``routed_expert_ffn``: :func:`route` in torch, then a module's ``expert_ffn`` over the
-    chosen experts.
-
-    Args:
-        namespace: a module's ``globals()``; its ``expert_ffn`` (arguments as :func:`expert_ffn`)
-            is looked up on every call, so a test can replace it to see that it ran.
-
-    Returns:
-        ``routed_expert_ffn(x, layers, k, counts, tokens_seen, w_in, w_out, b_in, b_out, act,
-        gated)``: (N, D) -> (N, D), its typed signature :func:`route`'s then ``expert_ffn``'s
-        after ``(x, mask)``.
+def routed_expert_ffn(
+    x: torch.Tensor,
+    layers: RouterLayers,
+    k: int,
+    counts: torch.Tensor,
+    tokens_seen: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: str,
+    gated: bool,
+) -> torch.Tensor:
+    """:func:`route` then :func:`expert_ffn` over the chosen experts: (N, D) -> (N, D).
 
     Example:
-        >>> routed_expert_ffn = route_then(globals())
+        >>> layers = [(router.centroids, None)]
+        >>> y = routed_expert_ffn(x, layers, 16, counts, seen, w_in, w_out, None, None, "silu",
+        ...                       True)
     """
-
-    def routed_expert_ffn(x, layers, k, counts, tokens_seen, *experts):
-        """:func:`route` then ``expert_ffn`` over the chosen experts: (N, D) -> (N, D).
-
-        Example:
-            >>> layers = [(router.centroids, None)]
-            >>> y = routed_expert_ffn(x, layers, 16, counts, seen, w_in, w_out, None, None,
-            ...                       "silu", True)
-        """
-        mask = route(x, layers, k, counts, tokens_seen)  # (N, E)
-        return namespace["expert_ffn"](x, mask, *experts)
-
-    routing = inspect.signature(route, eval_str=True)
-    experts_only = inspect.signature(namespace["expert_ffn"], eval_str=True)
-    positional = [p for p in experts_only.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
-    routed_expert_ffn.__signature__ = experts_only.replace(
-        parameters=[*routing.parameters.values(), *positional[2:]]
-    )
-    return routed_expert_ffn
-
-
-routed_expert_ffn = route_then(globals())
+    mask = route(x, layers, k, counts, tokens_seen)  # (N, E)
+    return expert_ffn(x, mask, w_in, w_out, b_in, b_out, act, gated)

@@ -11,11 +11,16 @@ triton: both import it only when a Triton kernel runs, so moefy works without tr
 
 from __future__ import annotations
 
-from moefy.kernels.reference import route_then
+from moefy.kernels.reference import route
 from moefy.kernels.triton_experts import expert_ffn
 from moefy.kernels.triton_threshold import threshold_gate_up, threshold_linear
 
-# (N, D): the router's top-k in torch, then this module's (Triton) expert_ffn
-routed_expert_ffn = route_then(globals())
+
+def routed_expert_ffn(x, layers, k, counts, tokens_seen, *experts):
+    """(N, D): the router's top-``k`` in torch, then the Triton expert kernel; arguments as
+    :func:`moefy.kernels.reference.routed_expert_ffn` (``experts``: w_in .. gated)."""
+    mask = route(x, layers, k, counts, tokens_seen)  # (N, E)
+    return expert_ffn(x, mask, *experts)
+
 
 __all__ = ["expert_ffn", "routed_expert_ffn", "threshold_gate_up", "threshold_linear"]

@@ -116,7 +116,7 @@ def moefy_(
     if moe_layers(model):
         raise MoefyError("the model is moefied already; call moefy.unmoefy(model) first")
     sites = find_ffns(model)
-    method = SPLIT_METHODS[config.method]
+    method = SPLIT_METHODS.get(config.method).value
     if method.needs_coactivation and profile is None:
         raise MoefyError(f"method {config.method!r} needs profile= (a SparsityProfile)")
     if profile is not None:

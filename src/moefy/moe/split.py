@@ -86,14 +86,7 @@ class SplitMethod:
     needs_coactivation: bool = False
 
 
-class _SplitMethods(Registry[SplitMethod]):
-    """The split-method registry; ``SPLIT_METHODS[name]`` is the :class:`SplitMethod` itself."""
-
-    def __getitem__(self, name: str) -> SplitMethod:
-        return self.get(name).value
-
-
-SPLIT_METHODS: Registry[SplitMethod] = _SplitMethods("split method")
+SPLIT_METHODS: Registry[SplitMethod] = Registry("split method")
 
 
 def register_split_method(

@@ -214,8 +214,9 @@ def _layers_kept(method: str) -> int:
     :data:`moefy.layers.LAYER_METHODS`; 0 for a sweep method that is not registered there."""
     from moefy.layers import LAYER_METHODS
 
-    entry = LAYER_METHODS.find(lambda e: e.name == method)
-    return 0 if entry is None else int(entry.meta.get("kept", 0))
+    if method not in LAYER_METHODS:
+        return 0
+    return int(LAYER_METHODS.get(method).meta.get("kept", 0))
 
 
 def _key_parts(config: SweepConfig, method: str, level: float | None) -> dict[str, Any]:
