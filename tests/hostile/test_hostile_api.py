@@ -110,6 +110,8 @@ API_CASES = (
         lambda a: moefy.load_model(a.path("mywork")),
         (user_folder("mywork"),),
     ),
+    ApiCase("load-user-folder", lambda a: moefy.load(a.path("mywork")), (user_folder("mywork"),)),
+    ApiCase("load-hub-id", lambda a: moefy.load("someorg/some-model")),
     ApiCase("load-text-none", lambda a: moefy.load_text(None)),
     ApiCase("load-text-empty", lambda a: moefy.load_text(""), (_long_text(),)),
     ApiCase("load-text-int", lambda a: moefy.load_text(5)),
@@ -165,6 +167,12 @@ API_CASES = (
     ApiCase("set-selection-dense", lambda a: moefy.set_selection(a.model, fraction=0.5)),
     ApiCase("set-selection-fraction-1p5", lambda a: moefy.set_selection(a.moefied, fraction=1.5)),
     ApiCase("set-selection-k-99", lambda a: moefy.set_selection(a.moefied, k=99)),
+    ApiCase("set-selection-keep-1p5", lambda a: moefy.set_selection(a.moefied, keep=1.5)),
+    ApiCase("set-selection-keep-nan", lambda a: moefy.set_selection(a.moefied, keep=float("nan"))),
+    ApiCase(
+        "set-selection-keep-and-fraction",
+        lambda a: moefy.set_selection(a.moefied, keep=0.5, fraction=0.5),
+    ),
     ApiCase("unmoefy-dense", lambda a: moefy.unmoefy(a.model)),
     # saving: the output policy
     ApiCase(
@@ -242,6 +250,8 @@ API_CASES = (
     ),
     # training-free sparsity
     ApiCase("sparsify-teal-1p5", lambda a: moefy.TEALConfig(sparsity=1.5)),
+    ApiCase("teal-sink-positions-negative", lambda a: moefy.TEALConfig(greedy_sink_positions=-1)),
+    ApiCase("teal-sink-positions-float", lambda a: moefy.TEALConfig(greedy_sink_positions=1.5)),
     ApiCase("sparsify-topk-nan", lambda a: moefy.TopKConfig(sparsity=float("nan"))),
     ApiCase("sparsify-config-none", lambda a: moefy.sparsify_(a.model, None)),
     ApiCase("sparsify-config-string", lambda a: moefy.sparsify_(a.model, "teal")),
@@ -254,6 +264,11 @@ API_CASES = (
     ApiCase("train-routers-dense", lambda a: moefy.train_routers(a.model, a.blocks)),
     ApiCase("set-routing-dense", lambda a: moefy.set_routing(a.model, "topk", fraction=0.5)),
     ApiCase("set-routing-unknown-rule", lambda a: moefy.set_routing(a.moefied, "psychic")),
+    ApiCase("set-routing-keep-2", lambda a: moefy.set_routing(a.moefied, "topk", keep=2)),
+    ApiCase(
+        "set-routing-keep-and-fraction",
+        lambda a: moefy.set_routing(a.moefied, "topk", keep=0.5, fraction=0.5),
+    ),
     # layers
     ApiCase("drop-attention-99", lambda a: moefy.drop_layers_(a.model, attention=[99])),
     ApiCase("drop-config-negative", lambda a: moefy.DropConfig(attention=(-1,))),
