@@ -26,18 +26,21 @@ $(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt requireme
 	$(PIP) install --no-deps -e .
 	@touch $@
 
-# The demo uses fewer tokens and levels than the commands' defaults to stay under 10 minutes on
-# 2 cores: a 16,384-token profile, routers trained on 8,192 tokens, and a sweep scored on 2,048
-# evaluation tokens (1,024 compared with dense) with thresholds calibrated on 2,048 tokens.
-# Levels are the kept share of the FFN: experts at 50 / 25 %, thresholds at 25 / 40 / 50 / 65 %
-# target sparsity (and TEAL and WINA also at 75 %), dynamic k at tau 0.9 / 0.8. Raise them, e.g.
+# The demo uses fewer tokens and levels than the commands' defaults to stay near 10 minutes on
+# 2 cores: an 8,192-token profile, mlp routers trained on 4,096 tokens, a carved MoE (8-neuron
+# experts, 12.5 % shared, activation split, lstsq router fitted on 4,096 tokens), and a sweep
+# scored on 2,048 evaluation tokens (1,024 compared with dense) with thresholds calibrated and
+# carved experts allocated on 2,048 tokens. Levels are the kept share of the FFN: experts at
+# 50 / 25 %, thresholds at 25 / 40 / 50 / 65 % target sparsity (and TEAL and WINA also at 75 %),
+# dynamic k at tau 0.9 / 0.8. Raise them, e.g.
 # make demo DEMO_EVAL_TOKENS=8192 DEMO_LEVELS=0.5,0.25,0.125.
-DEMO_PROFILE_TOKENS ?= 16384
-DEMO_ROUTER_TOKENS ?= 8192
+DEMO_PROFILE_TOKENS ?= 8192
+DEMO_ROUTER_TOKENS ?= 4096
+DEMO_CARVE_TOKENS ?= 4096
 DEMO_EVAL_TOKENS ?= 2048
 DEMO_AGREEMENT_TOKENS ?= 1024
 DEMO_CALIBRATION_TOKENS ?= 2048
-DEMO_METHODS ?= dense,moe-oracle,moe-mlp,moe-dynk,teal,cats,chess,wina,topk
+DEMO_METHODS ?= dense,moe-oracle,moe-mlp,moe-dynk,moe-carved,moe-carved-oracle,teal,cats,chess,wina,topk
 DEMO_LEVELS ?= 0.5,0.25
 DEMO_SPARSIFY_LEVELS ?= 0.75,0.6,0.5,0.35
 DEMO_TASKS ?= perplexity,agreement
@@ -53,12 +56,16 @@ demo: $(STAMP)
 		--profile $(RUNS)/profile --out $(RUNS)/moe --overwrite
 	$(MOEFY) train-routers --model $(RUNS)/moe --data bbc-news --router mlp \
 		--tokens $(DEMO_ROUTER_TOKENS) --eval-tokens 0 --out $(RUNS)/moe-routed --overwrite
+	$(MOEFY) convert --model smollm2-135m --expert-size 8 --shared 0.125 --method activation \
+		--profile $(RUNS)/profile --router lstsq --data bbc-news --tokens $(DEMO_CARVE_TOKENS) \
+		--out $(RUNS)/carved --overwrite
 	$(MOEFY) sweep --model smollm2-135m --data bbc-news --methods $(DEMO_METHODS) \
 		--levels $(DEMO_LEVELS) $(DEMO_LEVEL_ARGS) --tokens $(DEMO_EVAL_TOKENS) \
 		--agreement-tokens $(DEMO_AGREEMENT_TOKENS) --tasks $(DEMO_TASKS) \
 		--calibration-tokens $(DEMO_CALIBRATION_TOKENS) --moe $(RUNS)/moe \
-		--routed $(RUNS)/moe-routed --profile $(RUNS)/profile --out $(RUNS)/sweep
-	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/moe-routed (mlp routers, router_report.json), $(RUNS)/sweep/report.html (open in a browser)"
+		--routed $(RUNS)/moe-routed --carved $(RUNS)/carved --profile $(RUNS)/profile \
+		--out $(RUNS)/sweep
+	@echo "demo results: $(RUNS)/profile (profile, plots), $(RUNS)/moe (moefied model), $(RUNS)/moe-routed (mlp routers, router_report.json), $(RUNS)/carved (carved MoE), $(RUNS)/sweep/report.html (open in a browser)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -175,4 +175,4 @@ def test_a_split_method_is_one_function_and_one_register_call():
         SPLIT_METHODS.unregister("contiguous-test")
     with pytest.raises(MoefyError, match="contiguous-test"):
         MoEfyConfig(num_experts=2, method="contiguous-test")
-    assert SPLIT_METHODS.names() == ["random", "params", "coactivation"]
+    assert SPLIT_METHODS.names() == ["random", "params", "coactivation", "activation"]

@@ -39,6 +39,7 @@ def test_save_load_round_trip(profiled: SparsityProfile, tmp_path) -> None:
         "arrays.safetensors",
         "coactivation.safetensors",
         "moefy_output.json",
+        "patterns.safetensors",
         "summary.json",
     ]
     loaded = SparsityProfile.load(out)
@@ -178,6 +179,7 @@ def test_table_rows(profiled: SparsityProfile) -> None:
         "active %",
         "chunk16 union %",
         "hot80 neurons %",
+        "freq10 rate %",
     ]
     layer = profiled.layers[1]
     assert rows[1]["p90 neurons %"] == pytest.approx(100 * layer.contribution_fraction[0.9])

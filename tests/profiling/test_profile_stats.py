@@ -240,7 +240,8 @@ def test_accumulator_memory_is_independent_of_tokens() -> None:
     assert small.nbytes == large.nbytes == before
     P, C = len(config.shares), len(config.chunk_sizes)
     K = 1 << (31 - ABS_HISTOGRAM_SHIFT)
-    assert before == 8 * (3 + K + P + F + (F + 1) + F + 2 * C + F * F)
+    rate_sums = 2 * F  # top_counts, contribution_share
+    assert before == 8 * (3 + K + P + F + (F + 1) + F + 2 * C + rate_sums + F * F)
     assert all(t.dtype == torch.float64 for t in large.tensors().values())
     assert float(large.tensors()["tokens"]) == 20 * 8 * 64
 

@@ -69,7 +69,8 @@ def test_bad_tau_is_one_line_error(tmp_path, capsys, monkeypatch):
     from moefy.cli import main as cli
 
     monkeypatch.setitem(cli.COMMANDS, "train-routers", "moefy.cli.routers_cmd")
-    assert main(["train-routers", "--model", str(tmp_path), "--taus", "1.5"]) == 2
+    out = str(tmp_path / "out")
+    assert main(["train-routers", "--model", str(tmp_path), "--taus", "1.5", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "must lie in (0, 1]" in err and len(err.strip().splitlines()) == 1
     assert "mlp" in ROUTERS

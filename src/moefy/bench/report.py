@@ -21,7 +21,7 @@ Report = list[str | Table]
 
 
 def cpu_report(results: dict[str, Any]) -> Report:
-    """The bandwidth line, the FFN table and the decode table of :func:`run_bench`.
+    """The bandwidth line, the FFN, expert-size and decode tables of :func:`run_bench`.
 
     Args:
         results: what :func:`moefy.bench.run_bench` (or :func:`moefy.bench.run_gpu_bench`,
@@ -52,6 +52,17 @@ def cpu_report(results: dict[str, Any]) -> Report:
                 [_ffn_row(row) for row in results["ffn"]],
             )
         )
+    if results.get("expert_size"):
+        report.append(
+            Table(
+                "expert size: the expert kernel at S neurons per expert, the same share of "
+                "experts per token (random), tokens/s against torch dense in the same rounds; "
+                "grouped = the MoE layer's torch path at batches the kernel does not take",
+                [_expert_size_row(row) for row in results["expert_size"]],
+            )
+        )
+    if results.get("balance"):
+        report.append(balance_table(results["balance"]))
     if results["decode"]:
         step = results["decode"][0].get("step", "generate")
         how = "a compiled static-cache step" if step == "compiled" else "generate"
@@ -82,6 +93,40 @@ def _ffn_row(row: dict[str, Any]) -> dict[str, object]:
         "limit": f"{row['limit_speedup']:.2f}x",
         "of bandwidth": f"{row['of_bandwidth']:.0%}",
     }
+
+
+def _expert_size_row(row: dict[str, Any]) -> dict[str, object]:
+    return {
+        "thr": row["threads"],
+        "batch": row["batch"],
+        "S": row["expert_size"],
+        "experts": row["experts"],
+        "keep": f"{row['keep']:.0%}",
+        "path": row["path"],
+        "tok/s": row["tokens_per_s"],
+        "dense tok/s": row["dense_tokens_per_s"],
+        "vs dense": f"{row['vs_dense']:.2f}x",
+        "read": f"{row['union']:.0%}",
+    }
+
+
+def balance_table(rows: list[dict[str, Any]]) -> Table:
+    """The table of :func:`moefy.bench.balance.run_balance_bench`'s rows."""
+    first = rows[0]
+    return Table(
+        f"balance: share of a layer's {first['experts']} experts that a decode batch of B "
+        f"tokens reads (oracle top-k, {first['keep']:.0%} per token), without and with the "
+        "auxiliary-loss-free load bias; imbalance = busiest expert's load / mean load",
+        [
+            {
+                "variant": row["variant"],
+                "B": row["batch"],
+                "read": f"{row['read']:.1%}",
+                "imbalance": f"{row['imbalance']:.2f}",
+            }
+            for row in rows
+        ],
+    )
 
 
 def decode_table_row(row: dict[str, Any], *, threads: bool = True) -> dict[str, object]:

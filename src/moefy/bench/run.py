@@ -21,7 +21,8 @@ from moefy.jsonconfig import JsonConfig
 
 BENCH_VERSION = 1
 DEFAULT_PROMPT = "The central bank said on Tuesday that interest rates"
-PARTS = ("ffn", "decode")
+PARTS = ("ffn", "decode", "expert-size", "balance")
+BALANCE_KEEP = 0.25  # the balance table's expert share when no expert fractions are given
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,13 @@ class BenchConfig(JsonConfig):
         rounds: timed calls per FFN variant (default 15, quick 5).
         decode_rounds: timed generates per decode variant (default 5, quick 3).
         new_tokens: tokens per timed generate (default 64, quick 16).
-        parts: which tables to measure, from ``ffn`` and ``decode``.
+        parts: which tables to measure, from ``ffn``, ``decode``, ``expert-size`` (see
+            :mod:`moefy.bench.expert_size`) and ``balance`` (see :mod:`moefy.bench.balance`).
         model: built-in name or folder of the end-to-end model.
         data: built-in text for TEAL's calibration.
         expert_fractions: router budgets of the moefied variants.
         teal_sparsity: TEAL's target share of zeroed inputs.
+        carved_keep: share of the dense FFN FLOPs of the carved variant (0: none).
         compile: time decoding through :class:`moefy.decoding.StaticDecoder` (static cache,
             ``torch.compile``d step, dense and sparse alike) instead of ``generate``.
         version: config format version.
@@ -58,6 +61,7 @@ class BenchConfig(JsonConfig):
     data: str = "bbc-news"
     expert_fractions: tuple[float, ...] = (0.25, 0.125)
     teal_sparsity: float = 0.5
+    carved_keep: float = 0.25
     compile: bool = False
     version: int = BENCH_VERSION
 
@@ -79,6 +83,8 @@ class BenchConfig(JsonConfig):
             raise MoefyError(f"expert fractions must be in (0, 1], got {self.expert_fractions}")
         if not 0.0 <= self.teal_sparsity < 1.0:
             raise MoefyError(f"teal sparsity must be in [0, 1), got {self.teal_sparsity}")
+        if not 0.0 <= self.carved_keep <= 1.0:
+            raise MoefyError(f"carved keep must be in [0, 1], got {self.carved_keep}")
         self.check_version()
 
     def thread_counts(self) -> tuple[int, ...]:
@@ -114,7 +120,8 @@ def run_bench(config: BenchConfig, *, progress=None) -> dict[str, Any]:
 
     Returns:
         ``{"config", "machine_before", "machine_after", "kernels", "bandwidth_gbps", "ffn",
-        "decode"}``; ``ffn`` and ``decode`` are lists of row dicts.
+        "decode", "expert_size", "balance"}``; ``ffn``, ``decode``, ``expert_size`` and
+        ``balance`` are lists of row dicts.
 
     Raises:
         MoefyError: the C++ kernels cannot run here (the benchmark would time torch twice).
@@ -133,6 +140,8 @@ def run_bench(config: BenchConfig, *, progress=None) -> dict[str, Any]:
         "bandwidth_gbps": {},
         "ffn": [],
         "decode": [],
+        "expert_size": [],
+        "balance": [],
     }
     previous_threads = torch.get_num_threads()
     decode_models = _decode_models(config, say) if "decode" in config.parts else None
@@ -147,17 +156,29 @@ def run_bench(config: BenchConfig, *, progress=None) -> dict[str, Any]:
                 results["ffn"] += run_ffn_bench(
                     threads=threads, bandwidth=bandwidth, rounds=config.rounds_or_default()
                 )
+            if "expert-size" in config.parts:
+                from moefy.bench.expert_size import run_expert_size_bench
+
+                say(f"{threads} thread(s): expert sizes in the expert kernel against dense")
+                results["expert_size"] += run_expert_size_bench(
+                    threads=threads, rounds=config.rounds_or_default()
+                )
             if decode_models is not None:
                 say(f"{threads} thread(s): decoding {config.model}")
                 results["decode"] += _decode_rows(config, decode_models, threads)
     finally:
         torch.set_num_threads(previous_threads)
+    if "balance" in config.parts:
+        from moefy.bench.balance import run_balance_bench
+
+        keep = config.expert_fractions[0] if config.expert_fractions else BALANCE_KEEP
+        results["balance"] = run_balance_bench(config.model, config.data, keep, say=say)
     results["machine_after"] = machine()
     return results
 
 
 def _decode_models(config: BenchConfig, say) -> dict[str, Any]:
-    from moefy.bench.variants import routed_copy, set_fraction, teal_copy
+    from moefy.bench.variants import carved_copy, routed_copy, set_fraction, teal_copy
     from moefy.models.load import load_model
 
     say(f"loading {config.model} and building its sparse variants")
@@ -175,6 +196,11 @@ def _decode_models(config: BenchConfig, say) -> dict[str, Any]:
         say(f"calibrating TEAL at {config.teal_sparsity:.0%} on {config.data}")
         models[f"teal@{1 - config.teal_sparsity}"] = teal_copy(
             dense, tokenizer, config.teal_sparsity, config.data
+        )
+    if config.carved_keep > 0:
+        say(f"carving at {config.carved_keep:.0%} of the FFN FLOPs on {config.data}")
+        models[f"carved@{config.carved_keep}"] = carved_copy(
+            dense, tokenizer, config.carved_keep, config.data
         )
     prompt = tokenizer(DEFAULT_PROMPT, return_tensors="pt").input_ids  # (1, T)
     return {"models": models, "before": before, "prompt": prompt}

@@ -1,4 +1,4 @@
-"""The end-to-end variants of one model: dense, moefied with routers, TEAL-sparsified.
+"""The end-to-end variants of one model: dense, moefied with routers, carved, TEAL-sparsified.
 
 Routers here are MoEfication's centroid routers, built from the weights in seconds with no
 training: decode speed depends on how many experts run, not on how well they were chosen, so
@@ -22,6 +22,9 @@ SPLIT = MoEfyConfig(num_experts=64, method="random")  # speed does not depend on
 ROUTER = "centroid"
 TEAL_CALIBRATION_TOKENS = 2048
 TEAL_BLOCK_LEN = 128
+# The carved variant: carved and budgeted on a little real text (speed depends on how many
+# experts run and on the router's cost, both set by the budget, not on the quality of the carve).
+CARVE_CALIBRATION_TOKENS = 1024
 
 
 def routed_copy(model: nn.Module, fraction: float) -> nn.Module:
@@ -67,3 +70,27 @@ def teal_copy(model: nn.Module, tokenizer, sparsity: float, data: str) -> nn.Mod
     )
     sparsify_(sparse, config, blocks)
     return sparse.eval()
+
+
+def carved_copy(model: nn.Module, tokenizer, keep: float, data: str) -> nn.Module:
+    """A carved copy (:func:`moefy.carve.carve_`: 8-neuron experts, 12.5 % shared, lstsq
+    router) whose experts per layer are allocated to ``keep`` of the dense FFN FLOPs, routers
+    included (:func:`moefy.moe.budget.allocate_experts`).
+
+    Args:
+        model: the dense model.
+        tokenizer: its tokenizer (to carve on ``data``).
+        keep: share of the dense FFN FLOPs per token, in (0, 1].
+        data: built-in text name for the calibration.
+    """
+    from moefy.carve import carve_
+    from moefy.data.text import load_text
+    from moefy.moe.budget import allocate_experts
+
+    carved = copy.deepcopy(model)
+    blocks = load_text(data).blocks(
+        tokenizer, split="calibration", block_len=TEAL_BLOCK_LEN, n_tokens=CARVE_CALIBRATION_TOKENS
+    )
+    carve_(carved, blocks)
+    allocate_experts(carved, blocks, keep)
+    return carved.eval()

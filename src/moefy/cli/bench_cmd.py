@@ -7,6 +7,8 @@ import argparse
 from moefy.cli.args import DTYPE_CHOICES, add_output, claimed_output, device_spec, positive_int
 
 HELP = "time the sparse FFN kernels and sparse decoding against dense (medians, ratios, limits)"
+# moefy.bench.run.PARTS, spelled here so that --help imports no torch
+BENCH_PARTS = ("ffn", "decode", "expert-size", "balance")
 
 
 def _thread_list(text: str) -> tuple[int, ...]:
@@ -35,7 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--new-tokens", type=positive_int, default=None, help="tokens per timed generate"
     )
     parser.add_argument(
-        "--only", choices=("ffn", "decode"), default=None, help="measure one table only"
+        "--only",
+        choices=BENCH_PARTS,
+        default=None,
+        help="measure one table only (expert-size: what the expert size costs in the kernel; "
+        "balance: experts a decode batch reads, with and without load balancing)",
     )
     parser.add_argument(
         "--compile",
@@ -82,17 +88,20 @@ def _run(args: argparse.Namespace) -> int:
     from moefy.bench.report import cpu_report
     from moefy.cli.show import console, esc, print_report, status
     from moefy.device import dtype_name, resolve
+    from moefy.errors import MoefyError
     from moefy.io import write_json
 
     device, dtype = resolve(args.device, args.dtype)
     if device.type == "cuda":
+        if args.only in ("expert-size", "balance"):
+            raise MoefyError(f"--only {args.only} runs on the CPU: leave out --device cuda")
         return _run_gpu(args, device, dtype_name(dtype))
     config = BenchConfig(
         threads=args.threads,
         quick=args.quick,
         rounds=args.rounds,
         new_tokens=args.new_tokens,
-        parts=(args.only,) if args.only else ("ffn", "decode"),
+        parts=(args.only,) if args.only else BENCH_PARTS,
         model=args.model,
         compile=args.compile,
     )

@@ -9,11 +9,16 @@ from moefy.cli.args import (
     add_model_and_data,
     add_output,
     device_and_dtype,
+    float_type,
+    non_negative_int,
     open_unit_float,
     run_claimed,
 )
 
 HELP = "measure activation sparsity per FFN layer; write a profile, a table and plots"
+
+# argparse type of --top-share: a share in (0, 1]
+_top_share = float_type("in (0, 1]", lambda value: 0.0 < value <= 1.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also count neuron co-activation (d_ff x d_ff per layer, kept on disk; needed by "
         "'moefy convert --method coactivation')",
     )
+    parser.add_argument(
+        "--top-share",
+        type=_top_share,
+        default=0.1,
+        help="activation rates: a neuron is 'top' for a token when its |h| is among the "
+        "token's ceil(top-share * d_ff) largest (default: 0.1)",
+    )
+    parser.add_argument(
+        "--pattern-tokens",
+        type=non_negative_int,
+        default=512,
+        help="evenly spaced tokens whose per-neuron contribution shares are kept as activation "
+        "patterns (needed by 'moefy convert --method activation'; 0: keep none; default: 512)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
@@ -61,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
         active_rule=args.active_rule,
         active_share=args.active_share,
         coactivation=args.coactivation,
+        top_share=args.top_share,
+        pattern_tokens=args.pattern_tokens,
         progress=True,
     )
     out = Path(args.out)

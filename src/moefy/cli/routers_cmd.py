@@ -23,7 +23,22 @@ REPORT_FILE = "router_report.json"
 # moefy.routing.quality.DEFAULT_KEEP, spelled out so that --help does not import torch
 DEFAULT_KEEP = (0.5, 0.25, 0.125)
 
-HELP = "train a router per MoE layer (mlp, linear or centroid), save the model, rate the routers"
+# The built-in routers, for --help only (listing them from moefy.routing.ROUTERS would import
+# torch); the value of --router is checked against the registry itself.
+BUILTIN_ROUTERS = ("mlp", "linear", "centroid", "analytic", "lstsq")
+
+HELP = "train or fit a router per MoE layer, save the model, rate the routers"
+
+
+def router_name(text: str) -> str:
+    """argparse type: a router registered in :data:`moefy.routing.ROUTERS`."""
+    from moefy.routing import ROUTERS
+
+    if text not in ROUTERS:
+        raise argparse.ArgumentTypeError(
+            f"unknown router {text!r} (known: {', '.join(ROUTERS.names())})"
+        )
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(model="runs/moe")
     add_device_and_dtype(parser)
     parser.add_argument(
-        "--router", choices=("mlp", "linear", "centroid"), default="mlp", help="router type"
+        "--router",
+        type=router_name,
+        default="mlp",
+        help=f"router type, a name in moefy.routing.ROUTERS (built in: {', '.join(BUILTIN_ROUTERS)}"
+        "; analytic and lstsq are fitted in closed form, without training)",
     )
     parser.add_argument("--hidden", type=positive_int, default=128, help="mlp router width")
+    parser.add_argument(
+        "--representatives",
+        type=positive_int,
+        default=2,
+        help="analytic router: representative neurons per expert (at most the expert size)",
+    )
     parser.add_argument(
         "--loss",
         choices=("listwise", "mse"),
@@ -129,6 +154,7 @@ def _router_config(args: argparse.Namespace):
     return RouterConfig(
         router=args.router,
         hidden=args.hidden,
+        representatives=args.representatives,
         loss=args.loss,
         epochs=args.epochs,
         tokens_per_layer=args.tokens,

@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated shares of experts kept per token",
     )
     parser.add_argument(
-        "--profile", default=None, help="profile folder with co-activation counts (coactivation)"
+        "--profile",
+        default=None,
+        help="profile folder (moefy profile): co-activation counts for coactivation, activation "
+        "patterns for activation",
     )
     parser.add_argument("--results", default="runs/results.json", help=RESULTS_HELP)
 
@@ -66,9 +69,16 @@ def _run(args: argparse.Namespace) -> int:
         raise MoefyError(f"--methods: unknown split method {', '.join(unknown)} (known: {known})")
     if not methods:
         raise MoefyError(f"--methods names no split method (known: {known})")
-    if "coactivation" in methods and not args.profile:
+    needs_profile = [
+        m
+        for m in methods
+        if SPLIT_METHODS.get(m).value.needs_coactivation
+        or SPLIT_METHODS.get(m).value.needs_patterns
+    ]
+    if needs_profile and not args.profile:
         raise MoefyError(
-            "--methods coactivation needs --profile (run moefy profile --coactivation)"
+            f"--methods {', '.join(needs_profile)} need --profile (a folder from moefy profile; "
+            "coactivation needs moefy profile --coactivation)"
         )
     if any(not 0.0 < share <= 1.0 for share in args.keep) or not args.keep:
         raise MoefyError(f"{keep_option(args)} must lie in (0, 1], got {args.keep}")

@@ -95,11 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-tokens",
         type=positive_int,
         default=8192,
-        help="calibration tokens for the threshold methods",
+        help="calibration tokens for the methods that calibrate (thresholds, layer methods, "
+        "the carve and its expert budgets)",
     )
     parser.add_argument("--moe", default=None, help="moefied model folder (moefy convert)")
     parser.add_argument(
         "--routed", default=None, help="moefied model with trained routers (moefy train-routers)"
+    )
+    parser.add_argument(
+        "--carved",
+        default=None,
+        help="carved model for moe-carved (moefy convert --shared ... --router analytic); "
+        "default: carve the model on the calibration text",
     )
     parser.add_argument("--profile", default=None, help="profile folder: its plots join the report")
     parser.add_argument(
@@ -139,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         calibration_tokens=args.calibration_tokens,
         moe=args.moe,
         routed=args.routed,
+        carved=args.carved,
         profile=args.profile,
         experts=args.experts,
         device=args.device,

@@ -3,6 +3,7 @@
 The verb is :func:`moefy_` with a :class:`MoEfyConfig`; :func:`unmoefy` undoes it exactly.
 """
 
+from moefy.moe.budget import BudgetReport, allocate_experts
 from moefy.moe.config import ExpertLayout, MoEfyConfig
 from moefy.moe.convert import moe_layers, moefy_, reset_tally, set_selection, unmoefy
 from moefy.moe.flops import ffn_flops_per_token
@@ -24,10 +25,12 @@ from moefy.moe.split import (
     random_partition,
     register_split_method,
 )
+from moefy.moe.split_patterns import pattern_kmeans
 
 __all__ = [
     "SELECTORS",
     "SPLIT_METHODS",
+    "BudgetReport",
     "ExpertLayout",
     "ExpertSelector",
     "FlopsReport",
@@ -36,6 +39,7 @@ __all__ = [
     "MoEfyConfig",
     "OracleSelector",
     "SplitRequest",
+    "allocate_experts",
     "balanced_assign",
     "balanced_kmeans",
     "coactivation_partition",
@@ -44,6 +48,7 @@ __all__ = [
     "from_pretrained",
     "moe_layers",
     "moefy_",
+    "pattern_kmeans",
     "random_partition",
     "register_selector",
     "register_split_method",

@@ -19,7 +19,8 @@ class ExpertAccounting(ExpertParts):
     """Accounting part of :class:`moefy.moe.MoEFFN`: what the selections since the last reset cost.
 
     A mixin: ``selection_counts`` (E,) and ``tokens_seen`` () are non-persistent int64 buffers
-    created by ``MoEFFN.__init__``.
+    created by ``MoEFFN.__init__``. Shared experts are in every mask the layer runs, so they are
+    tallied, and cost FLOPs and weight reads, as the experts they are: run for every token.
     """
 
     d_ff: int

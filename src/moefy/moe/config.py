@@ -10,6 +10,9 @@ real neurons differ by at most one) and the remaining slots hold neurons whose i
 weights are zero. A zero-weight neuron adds exactly zero to the output, so the MoE stays exact.
 Padding costs compute, so a layout that pads more than ``max_padding_fraction`` of ``d_ff`` is
 refused with a message that suggests sizes which divide ``d_ff``.
+
+Shared experts: ``shared`` is the share of each layer's E experts that run for every token
+(``round(shared * E)`` of them, the first ones of the layout); at least one expert stays routed.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from typing import ClassVar
 from moefy.errors import MoefyError
 from moefy.jsonconfig import JsonConfig
 from moefy.moe.layout import ExpertLayout, round_up, suggest_sizes
-from moefy.validate import check_fraction, check_int
+from moefy.validate import check_choice, check_fraction, check_int
 
-__all__ = ["CONFIG_VERSION", "ExpertLayout", "MoEfyConfig"]
+__all__ = ["CONFIG_VERSION", "SHARED_RULES", "ExpertLayout", "MoEfyConfig"]
 
 CONFIG_VERSION = 1
+# How each layer's number of shared experts is chosen: "fixed" (round(shared * E) in every
+# layer) or "profile" (per layer, from the neurons' activation rates; see moefy.moe.convert).
+SHARED_RULES = ("fixed", "profile")
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,21 @@ class MoEfyConfig(JsonConfig):
             kernels); rounding pads experts with zero-weight neurons.
         max_padding_fraction: refuse layouts whose zero-weight padding exceeds this fraction of
             d_ff (padding is computed like real neurons).
+        shared: share of each layer's experts that are shared (run for every token), in
+            [0, 1): ``round(shared * E)`` experts hold the neurons with the highest activation
+            rates of a profile (needs ``profile=``); 0 = none.
+        shared_rule: ``"fixed"`` (``round(shared * E)`` shared experts in every layer) or
+            ``"profile"`` (per layer, the neurons at least twice as often top as the average
+            one, in whole experts, at most ``round(shared * E)``, or half the experts when
+            ``shared`` is 0).
         version: config format version.
 
     Example:
         >>> cfg = MoEfyConfig(num_experts=64, method="params")
         >>> MoEfyConfig.from_json(cfg.to_json()) == cfg
         True
+        >>> MoEfyConfig(num_experts=64, shared=0.125).layout(1536).num_shared
+        8
     """
 
     num_experts: int | None = None
@@ -60,6 +75,8 @@ class MoEfyConfig(JsonConfig):
     seed: int = 0
     size_multiple: int = 1
     max_padding_fraction: float = 0.125
+    shared: float = 0.0
+    shared_rule: str = "fixed"
     version: int = CONFIG_VERSION
 
     VERSION: ClassVar[int] = CONFIG_VERSION
@@ -78,6 +95,8 @@ class MoEfyConfig(JsonConfig):
             )
         check_int("MoEfyConfig.seed", self.seed)
         check_fraction("MoEfyConfig.max_padding_fraction", self.max_padding_fraction)
+        check_fraction("MoEfyConfig.shared", self.shared)
+        check_choice("MoEfyConfig.shared_rule", self.shared_rule, SHARED_RULES)
         _check_method(self.method)
         self.check_version()
 
@@ -88,11 +107,13 @@ class MoEfyConfig(JsonConfig):
             d_ff: FFN width F of the layer.
 
         Returns:
-            The :class:`ExpertLayout` (E, S and real neurons per expert).
+            The :class:`ExpertLayout` (E, S, real neurons per expert and ``round(shared * E)``
+            shared experts).
 
         Raises:
-            MoefyError: more experts than neurons, or more padding than allowed; the message
-                suggests sizes that divide ``d_ff``.
+            MoefyError: more experts than neurons, or more padding than allowed (the message
+                suggests sizes that divide ``d_ff``), or a ``shared`` share that leaves no
+                routed expert.
 
         Example:
             >>> MoEfyConfig(num_experts=128).layout(11008).expert_size
@@ -124,7 +145,19 @@ class MoEfyConfig(JsonConfig):
             )
         base, extra = divmod(d_ff, num_experts)
         sizes = tuple(base + 1 if e < extra else base for e in range(num_experts))
-        return ExpertLayout(num_experts=num_experts, expert_size=expert_size, real_sizes=sizes)
+        num_shared = self.num_shared(num_experts)
+        if num_shared >= num_experts:
+            raise MoefyError(
+                f"shared={self.shared} of {num_experts} experts makes {num_shared} shared experts "
+                f"and leaves no routed expert: use shared < {(num_experts - 0.5) / num_experts:.4g}"
+                " or more experts"
+            )
+        return ExpertLayout(num_experts, expert_size, sizes, num_shared)
+
+    def num_shared(self, num_experts: int) -> int:
+        """Shared experts of a layer of ``num_experts`` under the ``fixed`` rule, and the most
+        the ``profile`` rule gives: ``round(shared * E)`` (halves round up)."""
+        return math.floor(self.shared * num_experts + 0.5)
 
 
 def _check_method(method: str) -> None:

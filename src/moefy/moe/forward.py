@@ -7,6 +7,9 @@ Shape legend:
 
 The module always computes x -> FFN(x) for the whole FFN, whatever the architecture stored
 (Conv1D, fused gate/up, inline FFNs): the canonical view is read once, at conversion.
+
+Every path runs the ``num_shared`` shared experts for every token: the selector's masks include
+them, and a selection given with :meth:`ExpertForward.select_next` gets them added.
 """
 
 from __future__ import annotations
@@ -165,6 +168,9 @@ class ExpertForward(ExpertParts):
     def select_next(self, selection: torch.Tensor) -> None:
         """Run a given selection at the next forward only, instead of asking the selector.
 
+        The shared experts run too, selected or not: they are the part of the FFN that every
+        token uses, and a layer without them would compute a different function.
+
         Args:
             selection: a boolean mask (..., E) or integer expert ids (..., k) whose leading
                 dimensions match the next input's.
@@ -211,7 +217,7 @@ class ExpertForward(ExpertParts):
             predicted = selector.predict_log_norms(tokens.detach())  # (N, E)
             mask = selector.mask_from_scores(predicted.detach().float().exp())
             if self._straight_through is not None:  # the model's loss reaches the router too
-                gates = straight_through_gates(predicted, mask, self._straight_through)
+                gates = self._routed_gates(predicted, mask, self._straight_through)
         elif isinstance(selector, OracleSelector):
             mask = selector.mask_from_scores(norms.detach())
         else:
@@ -221,19 +227,38 @@ class ExpertForward(ExpertParts):
         self._training_records.append(ExpertTrainingRecord(norms, predicted, mask))
         return self._forward_from_hidden(hidden, mask if gates is None else gates)
 
+    def _routed_gates(
+        self, predicted: torch.Tensor, mask: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """(N, E) straight-through gates: the shared experts' are 1 (no selection boundary
+        crosses them), the routed experts' as :func:`straight_through_gates`."""
+        ns = self.num_shared
+        routed = straight_through_gates(predicted[:, ns:], mask[:, ns:], temperature)
+        return torch.cat([routed.new_ones(routed.shape[0], ns), routed], dim=1)  # (N, E)
+
+    def _fused_routing(self) -> tuple | None:
+        """The selector's :meth:`kernel_route`, or None when the kernel's own top-k would not
+        choose what the selector does (shared experts, a load bias)."""
+        if self.num_shared or self.selector.load_bias is not None:
+            return None
+        return self.selector.kernel_route()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D): the FFN output over the selected experts."""
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)  # (N, D)
         if self._training_records is not None:
             return self._forward_training(tokens).reshape(shape)
-        if self._next_selection is None and (route := self.selector.kernel_route()) is not None:
+        if self._next_selection is None and (route := self._fused_routing()) is not None:
             out = self._routed_kernel_call(tokens, *route)
             if out is not None:
                 return out.reshape(shape)
         if self._next_selection is not None:
             given, self._next_selection = self._next_selection, None
             mask = selection_mask(given.to(tokens.device), tokens.shape[0], self.num_experts)
+            if self.num_shared:  # the shared experts always run
+                mask = mask.clone()
+                mask[:, : self.num_shared] = True
         elif self.selector.scores_from_expert_hidden and not self.selector.selects_all():
             # The oracle has computed every expert to score them: sum the selected ones' outputs
             # from those activations instead of computing them a second time.

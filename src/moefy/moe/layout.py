@@ -2,12 +2,17 @@
 
 :class:`ExpertLayout` is what :meth:`moefy.moe.MoEfyConfig.layout` returns and what the split
 methods of :mod:`moefy.moe.split` fill; it lives apart from both so neither imports the other.
+
+The first ``num_shared`` experts of a layout are shared (always run); the split methods fill
+only the others, the routed experts (:meth:`ExpertLayout.routed`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from moefy.errors import MoefyError
 
 _SUGGESTIONS = 4
 # Suggested expert counts are those nearest (in log scale) to this common choice.
@@ -23,11 +28,26 @@ class ExpertLayout:
         expert_size: S, slots per expert (real neurons plus zero padding).
         real_sizes: real neurons in each expert (E values, differing by at most one, summing to
             d_ff); expert e has ``expert_size - real_sizes[e]`` padding slots at its end.
+        num_shared: the first ``num_shared`` experts are shared (run for every token), in
+            ``[0, num_experts)``: at least one expert is routed.
+
+    Example:
+        >>> layout = ExpertLayout(4, expert_size=2, real_sizes=(2, 2, 2, 2), num_shared=1)
+        >>> layout.routed().num_experts
+        3
     """
 
     num_experts: int
     expert_size: int
     real_sizes: tuple[int, ...]
+    num_shared: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_shared < self.num_experts:
+            raise MoefyError(
+                f"{self.num_shared} shared experts of {self.num_experts} leave no routed expert: "
+                "at least one expert must be routed"
+            )
 
     @property
     def d_ff(self) -> int:
@@ -36,6 +56,21 @@ class ExpertLayout:
     @property
     def padding(self) -> int:
         return self.num_experts * self.expert_size - self.d_ff
+
+    @property
+    def shared_neurons(self) -> int:
+        """Real neurons in the shared experts."""
+        return sum(self.real_sizes[: self.num_shared])
+
+    def with_shared(self, num_shared: int) -> ExpertLayout:
+        """The same experts with ``num_shared`` of them shared."""
+        return ExpertLayout(self.num_experts, self.expert_size, self.real_sizes, num_shared)
+
+    def routed(self) -> ExpertLayout:
+        """The layout of the routed experts alone (what a split method fills)."""
+        return ExpertLayout(
+            self.num_experts - self.num_shared, self.expert_size, self.real_sizes[self.num_shared :]
+        )
 
 
 def round_up(value: int, multiple: int) -> int:

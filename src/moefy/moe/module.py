@@ -11,6 +11,10 @@ Shape legend:
     moefy.moe.accounting  the selection tally: active fraction, FLOPs, the cost protocol
 
 This module holds the parameters and buffers (the state dict) and the layer's saved record.
+
+Shared experts: the first ``num_shared`` experts run for every token whatever the selector
+scores (they hold the neurons that are active most often). The layer keeps its selector's
+``num_shared`` equal to its own, so every mask the selector makes includes them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moefy.errors import MoefyError
 from moefy.moe.accounting import ExpertAccounting
 from moefy.moe.forward import ExpertForward, ExpertTrainingRecord, straight_through_gates
 from moefy.moe.selectors import ExpertSelector, OracleSelector
@@ -35,7 +40,7 @@ class MoEFFN(ExpertWeights, ExpertForward, ExpertAccounting, nn.Module):
     expert) which experts each token runs, unless a selection was given with
     :meth:`select_next`, then gathers each expert's tokens, computes only those, and scatters
     the outputs back (grouped dispatch). A running tally of selections gives the measured active
-    fraction and FLOPs.
+    fraction and FLOPs. The first ``num_shared`` experts are shared: in every selection.
 
     Args:
         d_model: D.
@@ -46,6 +51,7 @@ class MoEFFN(ExpertWeights, ExpertForward, ExpertAccounting, nn.Module):
         in_bias: keep input biases ``b_in``.
         out_bias: keep the down bias ``b_out``.
         selector: the expert selector; default every expert (oracle with no top-k).
+        num_shared: the first ``num_shared`` experts are shared (always run), in [0, E).
         dtype, device: of the weights.
 
     Example:
@@ -65,11 +71,13 @@ class MoEFFN(ExpertWeights, ExpertForward, ExpertAccounting, nn.Module):
         in_bias: bool = False,
         out_bias: bool = False,
         selector: ExpertSelector | None = None,
+        num_shared: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.d_model, self.num_experts, self.expert_size = d_model, num_experts, expert_size
+        self.num_shared = num_shared
         self.gated = gated
         rows_in = 2 * expert_size if gated else expert_size
         factory = {"dtype": dtype, "device": device}
@@ -115,11 +123,34 @@ class MoEFFN(ExpertWeights, ExpertForward, ExpertAccounting, nn.Module):
             "gated": self.gated,
             "in_bias": self.b_in is not None,
             "out_bias": self.b_out is not None,
+            "num_shared": self.num_shared,
             "selector": self.selector.to_dict(),
         }
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The selector always knows the layer's shared experts: set when either changes.
+        if name == "num_shared":
+            value = _check_num_shared(value, self.num_experts)
+            selector = self._modules.get("selector")
+            if selector is not None:
+                selector.num_shared = value
+        elif name == "selector" and isinstance(value, ExpertSelector):
+            value.num_shared = self.num_shared
+        super().__setattr__(name, value)
+
     def extra_repr(self) -> str:
+        shared = f", shared={self.num_shared}" if self.num_shared else ""
         return (
-            f"d_model={self.d_model}, experts={self.num_experts}, expert_size={self.expert_size}, "
-            f"gated={self.gated}, layer={self.layer_index}"
+            f"d_model={self.d_model}, experts={self.num_experts}, expert_size={self.expert_size}"
+            f"{shared}, gated={self.gated}, layer={self.layer_index}"
         )
+
+
+def _check_num_shared(value: Any, num_experts: int) -> int:
+    """``value`` as a number of shared experts of a layer of ``num_experts``: in [0, E)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_experts:
+        raise MoefyError(
+            f"num_shared={value!r} must be an integer in [0, {num_experts}): at least one of "
+            f"the {num_experts} experts must be routed"
+        )
+    return value

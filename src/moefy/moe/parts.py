@@ -22,6 +22,7 @@ class ExpertParts:
         d_model: D.
         num_experts: E.
         expert_size: S.
+        num_shared: the first ``num_shared`` experts run for every token (shared experts).
         gated: whether ``w_in`` holds a gate beside the up projection.
         w_in: the (E, S, D) up projection ((E, 2S, D) with the gate).
         w_out: the (E, S, D) down projection.
@@ -39,6 +40,7 @@ class ExpertParts:
     d_model: int
     num_experts: int
     expert_size: int
+    num_shared: int
     gated: bool
     w_in: nn.Parameter
     w_out: nn.Parameter

@@ -37,10 +37,11 @@ def split_quality(
     Args:
         model: a dense supported causal LM.
         data: evaluation blocks.
-        methods: split methods (``random``, ``params``, ``coactivation``).
+        methods: split methods (names in :data:`moefy.moe.split.SPLIT_METHODS`).
         fractions: shares of experts each token runs, in (0, 1].
         num_experts: experts per layer.
-        profile: a SparsityProfile with co-activation counts (for ``coactivation``).
+        profile: a SparsityProfile (co-activation counts for ``coactivation``, activation
+            patterns for ``activation``).
         batch_size: blocks per forward pass.
         seed: split seed.
         progress: show progress bars.

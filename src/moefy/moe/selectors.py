@@ -18,6 +18,15 @@ Two registries, one entry per thing:
 - :data:`SELECTION_RULES`: how a :class:`RuleSelector` turns scores into a mask. A new rule is
   one :class:`SelectionRule` subclass plus one ``SELECTION_RULES.register`` call.
 
+Shared experts: a selector's ``num_shared`` (kept equal to its layer's by
+:class:`moefy.moe.MoEFFN`) first experts are in every mask it makes. ``k`` and ``keep`` count all
+experts, shared ones included, and the effective k is ``max(k, num_shared)``: top-k keeps the
+shared experts plus the ``k - num_shared`` best routed ones; the ``tau`` rules run over the
+routed experts' scores, and the shared experts are added.
+
+Load balancing: an optional (E,) ``load_bias`` buffer (:meth:`ExpertSelector.set_load_bias`) is
+added to the scores for the top-k choice only (DeepSeek-V3's auxiliary-loss-free balancing).
+
 This module knows the MoE layer only through :class:`ExpertLayer` (what a selector reads), so it
 does not import :mod:`moefy.moe.module`.
 """
@@ -64,6 +73,7 @@ __all__ = [
     "relative_to_max_mask",
     "selection_mask",
     "selector_from_dict",
+    "with_shared",
 ]
 
 
@@ -119,8 +129,13 @@ class ExpertSelector(nn.Module):
 
     Args:
         num_experts: E of the layer.
-        k: experts per token, 1 <= k <= E.
+        k: experts per token, 1 <= k <= E, shared experts included.
         fraction: share of experts per token, in (0, 1]; k = round(fraction * E), at least 1.
+
+    Attributes:
+        num_shared: the first ``num_shared`` experts are in every mask (the layer's shared
+            experts; :class:`moefy.moe.MoEFFN` sets it).
+        load_bias: (E,) float32 added to the scores for the top-k choice, or None.
 
     Example:
         >>> sel = OracleSelector(64, fraction=0.25)
@@ -135,9 +150,41 @@ class ExpertSelector(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts = int(num_experts)
+        self.num_shared = 0
+        self.register_buffer("load_bias", None)
         self.k: int | None = None
         self.fraction: float | None = None
         self.set_topk(k=k, fraction=fraction)
+
+    def set_load_bias(self, bias: torch.Tensor | None) -> None:
+        """Add ``bias`` to the scores whenever the top-k experts are chosen (None: no bias).
+
+        The bias changes which experts are chosen, never the scores the tau rules see; it is a
+        buffer, so it is saved with the model.
+
+        Args:
+            bias: (E,) finite floats, or None.
+
+        Raises:
+            MoefyError: wrong shape or non-finite values.
+
+        Example:
+            >>> sel.set_load_bias(torch.zeros(sel.num_experts))
+        """
+        if bias is None:
+            self.load_bias = None
+            return
+        if (
+            not isinstance(bias, torch.Tensor)
+            or bias.shape != (self.num_experts,)
+            or not bias.is_floating_point()
+            or not bool(torch.isfinite(bias).all())
+        ):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise MoefyError(
+                f"a load bias is {self.num_experts} finite floats (one per expert), got {shape}"
+            )
+        self.load_bias = bias.detach().to(torch.float32).clone()
 
     def set_topk(self, k: int | None = None, fraction: float | None = None) -> None:
         """Change how many experts run per token (both ``None``: all of them).
@@ -159,12 +206,17 @@ class ExpertSelector(nn.Module):
         self.fraction = None if fraction is None else float(fraction)
 
     def num_selected(self) -> int:
-        """Experts each token runs under the current setting."""
+        """Experts each token runs under the current top-k setting, shared ones included: at
+        least ``num_shared``."""
         if self.k is not None:
-            return self.k
-        if self.fraction is not None:
-            return min(self.num_experts, max(1, math.floor(self.fraction * self.num_experts + 0.5)))
-        return self.num_experts
+            chosen = self.k
+        elif self.fraction is not None:
+            chosen = min(
+                self.num_experts, max(1, math.floor(self.fraction * self.num_experts + 0.5))
+            )
+        else:
+            chosen = self.num_experts
+        return max(chosen, self.num_shared)
 
     # True when scores come from every expert's activations (see OracleSelector).
     scores_from_expert_hidden = False
@@ -190,17 +242,23 @@ class ExpertSelector(nn.Module):
         return self.num_selected() >= self.num_experts
 
     def topk_mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """(N, E) scores -> (N, E) boolean mask of each token's top-k experts.
+        """(N, E) scores -> (N, E) boolean mask of each token's top-k experts: the shared
+        experts and the best ``k - num_shared`` routed ones by score (+ ``load_bias``).
 
         Ties go to the lower expert index and NaN counts as largest, the rule of the kernels'
         fused routing (:func:`moefy.kernels.reference.top_k_mask`), so the plain and kernel paths
         select the same experts."""
-        return top_k_mask(scores, self.num_selected())
+        if self.load_bias is not None:
+            scores = scores.float() + self.load_bias.to(scores.device)  # (N, E)
+        ns = self.num_shared
+        routed = top_k_mask(scores[:, ns:], self.num_selected() - ns)  # (N, E - ns)
+        return with_shared(routed, ns)
 
     def kernel_route(self) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]] | None:
         """``(k, layers)`` when this selector is a top-k over linear layers with ReLU between
         them (see :func:`moefy.kernels.routed_expert_ffn`), which a kernel can run in the same
-        call as the experts; None otherwise (the default: score with :meth:`forward`)."""
+        call as the experts; None otherwise (the default: score with :meth:`forward`). Must be
+        None with shared experts or a load bias (the fused kernel knows neither)."""
         return None
 
     def flops_per_token(self, d_model: int) -> float:
@@ -208,8 +266,12 @@ class ExpertSelector(nn.Module):
         return 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """Settings that rebuild this selector with :meth:`from_dict` (weights are in state)."""
-        return {"type": self.selector_type, "k": self.k, "fraction": self.fraction}
+        """Settings that rebuild this selector with :meth:`from_dict` (weights are in state;
+        ``"load_bias": true`` says the state holds a load bias)."""
+        data: dict[str, Any] = {"type": self.selector_type, "k": self.k, "fraction": self.fraction}
+        if self.load_bias is not None:
+            data["load_bias"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, num_experts: int, d_model: int) -> ExpertSelector:
@@ -217,7 +279,10 @@ class ExpertSelector(nn.Module):
         return cls(num_experts, k=data.get("k"), fraction=data.get("fraction"))
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, selected={self.num_selected()}"
+        return f"experts={self.num_experts}{self._shared_repr()}, selected={self.num_selected()}"
+
+    def _shared_repr(self) -> str:
+        return f", shared={self.num_shared}" if self.num_shared else ""
 
 
 class RuleSelector(ExpertSelector):
@@ -277,8 +342,14 @@ class RuleSelector(ExpertSelector):
         return self.mask_from_scores(scores)
 
     def mask_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """(N, E) scores (masses) -> (N, E) mask by this selector's rule."""
-        return self._rule().mask(scores, k=self.num_selected(), tau=self.tau)
+        """(N, E) scores (masses) -> (N, E) mask by this selector's rule: top-k as
+        :meth:`topk_mask`, another rule over the routed experts' scores, plus the shared
+        experts."""
+        if self.rule == TOPK:
+            return self.topk_mask(scores)
+        ns = self.num_shared
+        routed = self._rule().mask(scores[:, ns:], k=self.num_selected() - ns, tau=self.tau)
+        return with_shared(routed, ns)  # (N, E)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "rule": self.rule, "tau": self.tau}
@@ -296,7 +367,7 @@ class RuleSelector(ExpertSelector):
     def extra_repr(self) -> str:
         k_budget = self._rule().budget == K_BUDGET
         budget = f"selected={self.num_selected()}" if k_budget else f"tau={self.tau}"
-        return f"experts={self.num_experts}, rule={self.rule}, {budget}"
+        return f"experts={self.num_experts}{self._shared_repr()}, rule={self.rule}, {budget}"
 
 
 @register_selector
@@ -339,7 +410,23 @@ def selector_from_dict(data: dict[str, Any], *, num_experts: int, d_model: int) 
             "that registers it before loading"
         )
     cls = SELECTORS.get(kind).value
-    return cls.from_dict(data, num_experts=num_experts, d_model=d_model)
+    selector = cls.from_dict(data, num_experts=num_experts, d_model=d_model)
+    if data.get("load_bias"):  # a buffer the state dict fills (built on meta when loading)
+        selector.load_bias = torch.zeros(num_experts, dtype=torch.float32)
+    return selector
+
+
+def with_shared(routed: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """A routed experts' (N, E - ns) mask with the ``num_shared`` shared experts put first.
+
+    Example:
+        >>> with_shared(torch.tensor([[False, True]]), 1)
+        tensor([[ True, False,  True]])
+    """
+    if not num_shared:
+        return routed
+    shared = torch.ones(routed.shape[0], num_shared, dtype=torch.bool, device=routed.device)
+    return torch.cat([shared, routed], dim=1)  # (N, E)
 
 
 def selection_mask(selection: torch.Tensor, num_tokens: int, num_experts: int) -> torch.Tensor:

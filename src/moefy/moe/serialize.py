@@ -3,9 +3,10 @@
 A moefied model saves, beside the Hugging Face config and the whole state dict (MoE weights,
 slot permutations and selector or router state included; tied weights stored once),
 ``moefy_config.json``: the format version, the :class:`MoEfyConfig`, the model class and dtype,
-and per MoE layer its place, E, S and selector settings. Loading swaps empty MoE layers of the
-recorded shapes into the base model built on the meta device, after comparing every recorded
-size with the safetensors header, and the state dict is then loaded strictly.
+and per MoE layer its place, E, S, shared experts (``num_shared``, 0 when absent) and selector
+settings. Loading swaps empty MoE layers of the recorded shapes into the base model built on the
+meta device, after comparing every recorded size with the safetensors header, and the state
+dict is then loaded strictly.
 :func:`save` and :func:`from_pretrained` are :func:`moefy.save` and :func:`moefy.load` for
 models that must be moefied.
 """
@@ -133,6 +134,13 @@ def _layer_problem(entry: Any) -> str | None:
             return f"has {key}={entry.get(key)!r}, not true or false"
     if not isinstance(entry.get("name"), str) or not isinstance(entry.get("selector"), dict):
         return "lacks its name or selector"
+    shared = entry.get("num_shared", 0)
+    if (
+        isinstance(shared, bool)
+        or not isinstance(shared, int)
+        or not 0 <= shared < entry["num_experts"]
+    ):
+        return f"has num_shared={shared!r}, not an integer in [0, {entry['num_experts']})"
     if entry["d_ff"] > entry["num_experts"] * entry["expert_size"]:
         return (
             f"has {entry['num_experts']} experts x {entry['expert_size']} slots, fewer than its "
@@ -180,6 +188,7 @@ def _empty_moe(site_weights: Any, entry: dict[str, Any], device: Any = None) -> 
         in_bias=entry["in_bias"],
         out_bias=entry["out_bias"],
         selector=selector,
+        num_shared=entry.get("num_shared", 0),
         dtype=site_weights.w_up.dtype,
         device=site_weights.w_up.device if device is None else device,
     )

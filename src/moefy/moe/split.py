@@ -57,12 +57,16 @@ class SplitRequest:
         layout: the expert layout (E and real neurons per expert).
         seed: seed for this layer.
         coactivation: (F, F) co-activation counts, for methods that need a profile.
+        patterns: (F, T) activation patterns of the neurons over T sampled tokens (see
+            :meth:`moefy.profiling.SparsityProfile.activation_patterns`), for methods that
+            need them.
     """
 
     weights: FFNWeights
     layout: ExpertLayout
     seed: int
     coactivation: torch.Tensor | None = None
+    patterns: torch.Tensor | None = None
 
     @property
     def capacities(self) -> torch.Tensor:
@@ -71,6 +75,8 @@ class SplitRequest:
 
 
 SplitFn = Callable[[SplitRequest], torch.Tensor]
+# (scores (N, E), capacities (E,)) -> (N,) labels with bincount == capacities
+AssignFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -80,10 +86,13 @@ class SplitMethod:
     Attributes:
         split: ``request -> labels`` (F,) int64.
         needs_coactivation: the method reads ``request.coactivation`` (needs a profile).
+        needs_patterns: the method reads ``request.patterns`` (needs a profile with
+            activation patterns).
     """
 
     split: SplitFn
     needs_coactivation: bool = False
+    needs_patterns: bool = False
 
 
 SPLIT_METHODS: Registry[SplitMethod] = Registry("split method")
@@ -93,6 +102,7 @@ def register_split_method(
     name: str,
     *,
     needs_coactivation: bool = False,
+    needs_patterns: bool = False,
     help: str = "",
     overwrite: bool = False,  # noqa: A002
 ) -> Callable[[SplitFn], SplitFn]:
@@ -101,6 +111,7 @@ def register_split_method(
     Args:
         name: the value of ``MoEfyConfig.method`` that selects it.
         needs_coactivation: the method needs co-activation counts from a profile.
+        needs_patterns: the method needs activation patterns from a profile.
         help: one line for ``moefy splits`` and the docs.
         overwrite: replace an existing method of that name.
 
@@ -115,7 +126,9 @@ def register_split_method(
     """
 
     def decorator(fn: SplitFn) -> SplitFn:
-        method = SplitMethod(split=fn, needs_coactivation=needs_coactivation)
+        method = SplitMethod(
+            split=fn, needs_coactivation=needs_coactivation, needs_patterns=needs_patterns
+        )
         SPLIT_METHODS.register(name, method, help=help, overwrite=overwrite)
         return fn
 
@@ -135,6 +148,11 @@ def split_neurons(method: str, request: SplitRequest) -> torch.Tensor:
     entry = SPLIT_METHODS.get(method).value
     if entry.needs_coactivation and request.coactivation is None:
         raise MoefyError(f"split method {method!r} needs co-activation counts: pass profile=")
+    if entry.needs_patterns and request.patterns is None:
+        raise MoefyError(
+            f"split method {method!r} needs activation patterns: pass profile= (a profile made "
+            "by moefy profile)"
+        )
     labels = entry.split(request)
     return expert_slots(labels, request.layout)
 
@@ -277,6 +295,7 @@ def balanced_kmeans(
     *,
     seed: int = 0,
     iterations: int = KMEANS_ITERATIONS,
+    assign: AssignFn | None = None,
 ) -> torch.Tensor:
     """Balanced spherical k-means: cluster rows by direction into clusters of given sizes.
 
@@ -290,6 +309,8 @@ def balanced_kmeans(
         capacities: (E,) exact cluster sizes, summing to N.
         seed: seed of the k-means++ draw.
         iterations: maximum Lloyd iterations.
+        assign: ``(similarity (N, E), capacities) -> labels`` replacing the Sinkhorn + greedy
+            assignment step (e.g. an exact one); None keeps Sinkhorn + greedy.
 
     Returns:
         (N,) int64 cluster of each row; ``bincount == capacities``.
@@ -310,11 +331,14 @@ def balanced_kmeans(
     labels = None
     for step in range(iterations):
         similarity = X @ centroids.T  # (N, E)
-        logits = similarity / (SINKHORN_TEMPERATURE * float(similarity.std()) + _TINY_SPREAD)
-        rounds = SINKHORN_ITERATIONS if step == 0 else SINKHORN_WARM_ITERATIONS
-        row, col = _sinkhorn_balance(logits, capacities, col, rounds)
-        # Exact sizes at every step: balance is what splits two merged clusters apart.
-        new_labels = balanced_assign(logits + row[:, None] + col, capacities)
+        if assign is not None:
+            new_labels = assign(similarity, capacities)
+        else:
+            logits = similarity / (SINKHORN_TEMPERATURE * float(similarity.std()) + _TINY_SPREAD)
+            rounds = SINKHORN_ITERATIONS if step == 0 else SINKHORN_WARM_ITERATIONS
+            row, col = _sinkhorn_balance(logits, capacities, col, rounds)
+            # Exact sizes at every step: balance is what splits two merged clusters apart.
+            new_labels = balanced_assign(logits + row[:, None] + col, capacities)
         changed = N if labels is None else int((new_labels != labels).sum())
         labels = new_labels
         if changed <= KMEANS_TOLERANCE * N:

@@ -47,6 +47,7 @@ class ExpertWeights(ExpertParts):
         slots: torch.Tensor,
         *,
         selector: ExpertSelector | None = None,
+        num_shared: int = 0,
     ) -> Any:
         """Regroup a dense FFN's neurons into experts.
 
@@ -55,6 +56,7 @@ class ExpertWeights(ExpertParts):
             slots: (E, S) dense neuron index per expert slot, -1 for padding; every neuron
                 exactly once.
             selector: the expert selector (default: all experts).
+            num_shared: the first ``num_shared`` experts are shared (always run).
 
         Returns:
             A :class:`MoEFFN` with the same dtype and device as ``weights``.
@@ -74,6 +76,7 @@ class ExpertWeights(ExpertParts):
             in_bias=weights.b_up is not None or weights.b_gate is not None,
             out_bias=weights.b_down is not None,
             selector=selector,
+            num_shared=num_shared,
             dtype=weights.w_up.dtype,
             device=device,
         )

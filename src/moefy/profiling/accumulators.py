@@ -2,11 +2,13 @@
 
 Shape legend:
     B: blocks in a batch, T: tokens per block, N = B*T tokens, F: FFN width (d_ff),
-    P: contribution shares, C: chunk sizes, K: |h| histogram bins (ABS_HISTOGRAM_BINS)
+    P: contribution shares, C: chunk sizes, K: |h| histogram bins (ABS_HISTOGRAM_BINS),
+    S: sampled tokens of the activation patterns (ProfileConfig.pattern_tokens)
 
 Every statistic is a float64 sum over tokens (counts, sums of fractions, histograms), so its size
 does not depend on the number of tokens, sums of shards equal the whole (the distributed all-reduce
-is a plain sum) and nothing per token is kept.
+is a plain sum) and nothing per token is kept. The one exception is the optional (F, S) float32
+activation-pattern sample: S tokens, fixed in advance (see :mod:`moefy.profiling.patterns`).
 
 The |h| histogram bins a float32 by the top 16 bits of its bit pattern (sign, 8 exponent bits,
 7 mantissa bits): every binade [2^e, 2^(e+1)) is cut into 128 equal bins, so a bin's width is
@@ -27,10 +29,13 @@ import torch
 
 from moefy.dist import all_reduce_sum_
 from moefy.profiling.config import ProfileConfig
+from moefy.profiling.patterns import pattern_slots, top_count
 
 ABS_HISTOGRAM_SHIFT = 16  # bits dropped from the float32 pattern: keeps 7 of 23 mantissa bits
 ABS_HISTOGRAM_BINS = 1 << (31 - ABS_HISTOGRAM_SHIFT)  # 32768: |h| >= 0, so the sign bit is 0
 _BOOLS_PER_WORD = 8  # bools per int64 word when OR-ing active masks
+# the smallest float32 above 0: a top threshold is at least this, so h = 0 is never top
+_SMALLEST_POSITIVE = float(torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)))
 
 
 def abs_histogram_edges() -> torch.Tensor:
@@ -188,11 +193,41 @@ def sort_and_bin(
             (patterns[part] >> ABS_HISTOGRAM_SHIFT).view(-1), minlength=ABS_HISTOGRAM_BINS
         )
 
-    workers = max(1, min(torch.get_num_threads(), rows.shape[0]))
-    bounds = np.linspace(0, rows.shape[0], workers + 1).astype(int)
-    parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
-    counts = list(_thread_pool(workers).map(work, parts)) if workers > 1 else [work(parts[0])]
+    counts = _map_row_parts(rows.shape[0], work)
     return ascending, torch.stack(counts).sum(0)
+
+
+def top_thresholds(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row (on CPU: numpy's partition, split over threads).
+
+    Args:
+        magnitude: (N, F) contiguous float32 |h|.
+        k: the rank, in [1, F].
+
+    Returns:
+        (N,) float32 thresholds: row n's top k are the entries ``>= thresholds[n]``.
+
+    Example:
+        >>> top_thresholds(torch.tensor([[3.0, 1.0, 2.0]]), 2)
+        tensor([2.])
+    """
+    F = magnitude.shape[1]
+    if magnitude.device.type != "cpu":
+        return torch.kthvalue(magnitude, F - k + 1, dim=1).values
+    rows = magnitude.numpy()
+
+    def work(part: slice) -> torch.Tensor:
+        return torch.from_numpy(np.partition(rows[part], F - k, axis=1)[:, F - k])
+
+    return torch.cat(_map_row_parts(rows.shape[0], work))
+
+
+def _map_row_parts(num_rows: int, work: Callable[[slice], torch.Tensor]) -> list[torch.Tensor]:
+    """``work`` on consecutive row ranges, one per thread (torch's thread count), in order."""
+    workers = max(1, min(torch.get_num_threads(), num_rows))
+    bounds = np.linspace(0, num_rows, workers + 1).astype(int)
+    parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    return list(_thread_pool(workers).map(work, parts)) if workers > 1 else [work(parts[0])]
 
 
 class LayerAccumulator:
@@ -201,6 +236,9 @@ class LayerAccumulator:
     Args:
         neuron_norms: (F,) ``||W_down[:, i]||``, on the device the activations arrive on.
         config: what to measure.
+        pattern_positions: (S,) sorted global indices of the tokens whose contribution shares
+            are kept as activation patterns (:func:`moefy.profiling.patterns.pattern_positions`),
+            or None to keep none.
 
     Example:
         >>> acc = LayerAccumulator(site.weights().neuron_norms(), ProfileConfig())
@@ -209,7 +247,12 @@ class LayerAccumulator:
         >>> acc.tensors()["firing_counts"]  # (F,)
     """
 
-    def __init__(self, neuron_norms: torch.Tensor, config: ProfileConfig) -> None:
+    def __init__(
+        self,
+        neuron_norms: torch.Tensor,
+        config: ProfileConfig,
+        pattern_positions: torch.Tensor | None = None,
+    ) -> None:
         self.config = config
         self.neuron_norms = neuron_norms.detach().float().contiguous()  # (F,)
         self.d_ff = F = self.neuron_norms.shape[0]
@@ -237,24 +280,40 @@ class LayerAccumulator:
             "firing_counts": zeros(F),  # (F,) tokens for which neuron i is active
             "chunk_union": zeros(C),  # (C,) sum over chunks of neurons active in the chunk
             "chunk_count": zeros(C),  # (C,) chunks seen
+            "top_counts": zeros(F),  # (F,) tokens for which neuron i is among the top |h|
+            "contribution_share": zeros(F),  # (F,) sum over tokens of c_i / sum(c)
         }
         if config.coactivation:
             self.sums["coactivation"] = zeros(F, F)  # (F, F) tokens with both i and j active
+        self._top_k = top_count(config.top_share, F)
+        self._tokens_seen = 0  # global index of the next token when update gets none
+        self.pattern_positions: torch.Tensor | None = None
+        self.patterns: torch.Tensor | None = None  # (F, S) float32 c_i / sum(c) per sampled token
+        if pattern_positions is not None and pattern_positions.numel() > 0:
+            self.pattern_positions = pattern_positions.to(device=device, dtype=torch.int64)
+            self.patterns = torch.zeros(F, pattern_positions.numel(), device=device)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the accumulators (constant: independent of the tokens seen)."""
-        return sum(t.numel() * t.element_size() for t in self.sums.values())
+        held = [*self.sums.values(), *([] if self.patterns is None else [self.patterns])]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @torch.no_grad()
-    def update(self, h: torch.Tensor) -> None:
+    def update(self, h: torch.Tensor, token_index: torch.Tensor | None = None) -> None:
         """Add one batch of activations.
 
         Args:
             h: (B, T, F) neuron activations of B blocks of T consecutive tokens.
+            token_index: (B*T,) global index of each token (row-major over (B, T)), which
+                decides the tokens kept as activation patterns; None: the tokens follow those
+                of the previous updates (one process, blocks in order).
         """
         B, T, F = h.shape
         N = B * T
+        if token_index is None:
+            token_index = torch.arange(self._tokens_seen, self._tokens_seen + N)
+        self._tokens_seen += N
         sums = self.sums
         magnitude = h.reshape(N, F).float().abs()  # (N, F), a fresh contiguous float32 tensor
         token_norm = torch.linalg.vector_norm(magnitude, dim=1)  # (N,)
@@ -267,6 +326,7 @@ class LayerAccumulator:
         sums["abs_histogram"] += histogram
         # share of the token's contribution mass carried by its j+1 weakest neurons
         low_share = ascending.cumsum(1)  # (N, F)
+        self._update_shares(contribution, low_share[:, -1], token_index)
         low_share /= low_share[:, -1:].clamp_min(torch.finfo(torch.float32).tiny)
         # dropping the m weakest neurons keeps share p while their low share is <= 1 - p
         targets = self._share_targets.expand(N, -1).contiguous()  # (N, P + 1)
@@ -277,6 +337,11 @@ class LayerAccumulator:
         sums["contribution_low_share"] += (ones @ low_share).view(F)
         del low_share
 
+        # a neuron is top when |h| reaches the token's k-th largest and is not 0
+        threshold = top_thresholds(magnitude, self._top_k).clamp_min_(_SMALLEST_POSITIVE)  # (N,)
+        top = (magnitude >= threshold[:, None]).float()  # (N, F)
+        sums["top_counts"] += (ones @ top).view(F)
+        del top
         tokens = TokenBatch(magnitude, contribution, ascending, needed[:, -1], token_norm)
         active = self._rule(tokens, self.config)  # (N, F) bool
         del tokens, ascending, contribution, magnitude
@@ -287,6 +352,27 @@ class LayerAccumulator:
         self._update_chunks(active.view(B, T, F), int(active_count.sum()))
         if "coactivation" in sums:
             sums["coactivation"] += mask.T @ mask  # (F, F)
+
+    def _update_shares(
+        self, contribution: torch.Tensor, total: torch.Tensor, token_index: torch.Tensor
+    ) -> None:
+        """Add each token's contribution shares ``c_i / sum(c)``; keep the sampled tokens' ones.
+
+        Args:
+            contribution: (N, F) ``c``.
+            total: (N,) ``sum(c)`` of each token.
+            token_index: (N,) global token indices.
+        """
+        inverse = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))  # (N,); h = 0: 0
+        F = contribution.shape[1]
+        self.sums["contribution_share"] += (inverse[None, :] @ contribution).view(F)
+        if self.patterns is None:
+            return
+        rows, slots = pattern_slots(self.pattern_positions, token_index)  # (M,), (M,)
+        if rows.numel():
+            rows = rows.to(contribution.device)
+            shares = contribution[rows] * inverse[rows, None]  # (M, F)
+            self.patterns[:, slots] = shares.T
 
     def _update_chunks(self, active: torch.Tensor, total_active: int) -> None:
         """Union of the active sets over non-overlapping chunks of n tokens.
@@ -323,7 +409,14 @@ class LayerAccumulator:
         """Sum the accumulators over ranks (no-op outside torch.distributed)."""
         for name in self.sums:  # same order on every rank
             all_reduce_sum_(self.sums[name])
+        if self.patterns is not None:
+            # each sampled token lives on one rank, zeros elsewhere: the sum gathers them exactly
+            all_reduce_sum_(self.patterns)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The accumulated sums on CPU, float64, by name."""
         return {name: t.detach().cpu() for name, t in self.sums.items()}
+
+    def pattern_tensor(self) -> torch.Tensor | None:
+        """The (F, S) float32 activation patterns on CPU, or None when none are kept."""
+        return None if self.patterns is None else self.patterns.detach().cpu()

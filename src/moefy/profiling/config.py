@@ -51,6 +51,13 @@ class ProfileConfig(JsonConfig):
         num_hot: how many of the most frequently active neuron ids to keep per layer.
         coactivation: also count, per layer, how often each pair of neurons is active together
             (an F x F float64 matrix per layer, written to ``coactivation.safetensors``).
+        top_share: p of the activation rates: a neuron is "top" for a token when its |h| is
+            among the token's ``ceil(p * F)`` largest (ties at the cut-off are all top; a
+            neuron with h = 0 never is). Its activation rate is the share of tokens for which
+            it is top.
+        pattern_tokens: T, how many profiled tokens (evenly spaced, the same for every layer)
+            keep each neuron's contribution share ``c_i / sum(c)`` as its activation pattern,
+            an (F, T) array per layer; 0 stores none.
         progress: show a progress bar (on rank 0 only).
         version: config schema version; a newer version than this moefy knows is refused.
 
@@ -70,6 +77,8 @@ class ProfileConfig(JsonConfig):
     hot_share: float = 0.8
     num_hot: int = 32
     coactivation: bool = False
+    top_share: float = 0.1
+    pattern_tokens: int = 512
     progress: bool = False
     version: int = PROFILE_CONFIG_VERSION
 
@@ -95,6 +104,8 @@ class ProfileConfig(JsonConfig):
         check_fraction("ProfileConfig.active_share", self.active_share, zero=False)
         check_fraction("ProfileConfig.hot_share", self.hot_share, zero=False)
         check_number("ProfileConfig.active_threshold", self.active_threshold, minimum=0.0)
+        check_fraction("ProfileConfig.top_share", self.top_share, zero=False, one=True)
+        check_int("ProfileConfig.pattern_tokens", self.pattern_tokens, minimum=0)
         for flag in ("coactivation", "progress"):
             check_bool(f"ProfileConfig.{flag}", getattr(self, flag))
         self.check_version()

@@ -19,6 +19,8 @@ _PERCENT = 100.0
 # the contribution shares shown in the printed table (when the config measured them)
 _TABLE_SHARES = (0.5, 0.9, 0.99)
 _TABLE_CHUNK = 16
+# the share of most often top neurons whose mean activation rate the summary reports
+_FREQUENT_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class LayerSparsity:
             ``hot_share`` of all activations.
         never_active: neurons never active.
         hot_neurons: ids of the most frequently active neurons, most frequent first.
+        frequent_rate: mean activation rate (share of tokens for which a neuron is among the
+            ``top_share`` largest |h|) of the 10 % of neurons most often top; about
+            ``top_share`` when every neuron is equally often top, up to 1 when a few always
+            are. None for a profile without activation rates.
     """
 
     index: int
@@ -59,6 +65,7 @@ class LayerSparsity:
     hot_fraction: float
     never_active: int
     hot_neurons: tuple[int, ...]
+    frequent_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (dict keys become strings)."""
@@ -94,6 +101,11 @@ def summarise(
     else:
         hot_fraction = 0.0
     hot = [int(i) for i in order[: config.num_hot] if firing[i] > 0]
+    frequent_rate = None
+    if "top_counts" in sums:
+        frequent = max(1, round(_FREQUENT_SHARE * F))
+        most_often = torch.topk(sums["top_counts"], frequent).values  # (frequent,)
+        frequent_rate = float(most_often.mean()) / max(tokens, 1.0)
     return LayerSparsity(
         index=index,
         name=name,
@@ -113,6 +125,7 @@ def summarise(
         hot_fraction=hot_fraction,
         never_active=int((firing == 0).sum()),
         hot_neurons=tuple(hot),
+        frequent_rate=frequent_rate,
     )
 
 
@@ -121,7 +134,8 @@ def table_rows(layers: list[LayerSparsity], config: ProfileConfig) -> list[dict[
 
     Columns: layer, zero % (exact zeros), neurons carrying 50/90/99 % of the contribution
     mass (the shares measured), mean active %, union % over chunks of 16 tokens (or the
-    largest chunk size), the share of neurons carrying ``hot_share`` of all activations.
+    largest chunk size), the share of neurons carrying ``hot_share`` of all activations, and
+    the mean activation rate of the 10 % most often top neurons (``-`` without rates).
 
     Example:
         >>> table_rows(profile.layers, profile.config)[0]["active %"]
@@ -141,5 +155,7 @@ def table_rows(layers: list[LayerSparsity], config: ProfileConfig) -> list[dict[
         union = layer.chunk_union_fraction[chunk]
         row[f"chunk{chunk} union %"] = "-" if union is None else _PERCENT * union
         row[f"hot{_PERCENT * config.hot_share:g} neurons %"] = _PERCENT * layer.hot_fraction
+        rate = layer.frequent_rate
+        row[f"freq{_PERCENT * _FREQUENT_SHARE:g} rate %"] = "-" if rate is None else _PERCENT * rate
         rows.append(row)
     return rows

@@ -1,9 +1,10 @@
-"""The result of profiling: per-layer sparsity summaries, the raw sums behind them, and the
-co-activation counts, saved to and loaded from one folder (files: :mod:`moefy.profiling.storage`).
+"""The result of profiling: per-layer sparsity summaries, the raw sums behind them, activation
+rates and patterns, and the co-activation counts, saved to and loaded from one folder (files:
+:mod:`moefy.profiling.storage`).
 
 Shape legend:
     F: FFN width (d_ff) of a layer, K: |h| histogram bins, P: contribution shares,
-    C: chunk sizes
+    C: chunk sizes, S: sampled tokens of the activation patterns
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from moefy.profiling.accumulators import fraction_below, histogram_quantile
 from moefy.profiling.config import ProfileConfig
 from moefy.profiling.fingerprint import model_fingerprint
 from moefy.profiling.layer_summary import LayerSparsity, summarise, table_rows
+from moefy.profiling.patterns import decode_patterns, encode_patterns
 from moefy.profiling.storage import (
     ARRAYS_FILE,
     COACTIVATION_FILE,
+    PATTERNS_FILE,
     PROFILE_FORMAT,
     PROFILE_VERSION,
+    RATE_SUMS,
     SUMMARY_FILE,
     read_profile,
     write_profile,
@@ -35,6 +39,7 @@ from moefy.profiling.storage import (
 __all__ = [
     "ARRAYS_FILE",
     "COACTIVATION_FILE",
+    "PATTERNS_FILE",
     "PROFILE_FORMAT",
     "PROFILE_VERSION",
     "SUMMARY_FILE",
@@ -56,6 +61,7 @@ class SparsityProfile:
             d_ff per layer, model_name).
         data: where the tokens came from (source, split, n_tokens, block_len).
         layers: one :class:`LayerSparsity` per FFN layer.
+        path: the folder it was loaded from or last saved to, or None.
 
     Example:
         >>> result = profile(model, blocks)
@@ -64,6 +70,8 @@ class SparsityProfile:
         >>> result.save("runs/profile")
         >>> SparsityProfile.load("runs/profile").coactivation(3).shape  # with coactivation=True
         torch.Size([1536, 1536])
+        >>> result.activation_rate(3).shape, result.activation_patterns(3).shape
+        (torch.Size([1536]), torch.Size([1536, 512]))
     """
 
     def __init__(
@@ -76,9 +84,19 @@ class SparsityProfile:
         data: dict[str, Any] | None = None,
         coactivation: list[torch.Tensor] | None = None,
         coactivation_file: Path | None = None,
+        patterns: list[torch.Tensor] | None = None,
+        patterns_file: Path | None = None,
+        path: Path | None = None,
     ) -> None:
         if len(layer_names) != len(layer_sums):
             raise MoefyError("SparsityProfile: one name per layer of sums is needed")
+        if patterns is not None and len(patterns) != len(layer_sums):
+            raise MoefyError("SparsityProfile: one (F, S) pattern array per layer is needed")
+        self.path = path
+        # kept as stored on disk (float16, scaled), so a profile in memory and the same profile
+        # loaded back give bitwise the same patterns, in half the memory
+        self._patterns = None if patterns is None else [encode_patterns(p) for p in patterns]
+        self._patterns_file = patterns_file
         self.config = config
         self.fingerprint = dict(fingerprint)
         self.data = dict(data or {})
@@ -142,6 +160,86 @@ class SparsityProfile:
         if not 0.0 <= q <= 1.0:
             raise MoefyError(f"quantile must be in [0, 1], got {q}")
         return histogram_quantile(self._sums[self._layer(layer_index)]["abs_histogram"], q)
+
+    # ------------------------------------------------------------------ activation rates
+
+    @property
+    def has_activation_rates(self) -> bool:
+        """Whether the profile holds activation rates and contribution shares (a profile made
+        before moefy measured them does not)."""
+        return bool(self._sums) and all(name in self._sums[0] for name in RATE_SUMS)
+
+    def _rate_sums(self, layer_index: int) -> dict[str, torch.Tensor]:
+        layer_index = self._layer(layer_index)
+        if not self.has_activation_rates:
+            where = f"the profile at {self.path}" if self.path is not None else "this profile"
+            raise MoefyError(
+                f"{where} has no activation rates (made by an older moefy); re-run moefy profile"
+            )
+        return self._sums[layer_index]
+
+    def activation_rate(self, layer_index: int) -> torch.Tensor:
+        """(F,) float32 share of tokens for which each neuron is "top": its |h| among the
+        token's ``ceil(config.top_share * F)`` largest.
+
+        Example:
+            >>> shared = profile.activation_rate(0).argsort(descending=True)[:192]
+        """
+        sums = self._rate_sums(layer_index)
+        return (sums["top_counts"] / max(float(sums["tokens"]), 1.0)).float()
+
+    def contribution_share(self, layer_index: int) -> torch.Tensor:
+        """(F,) float32 mean over tokens of each neuron's share ``c_j / sum(c)`` of the FFN's
+        output mass, ``c_j = |h_j| * ||W_down[:, j]||`` (the shares sum to 1 over neurons).
+
+        Example:
+            >>> profile.contribution_share(0).sum()
+            tensor(1.0000)
+        """
+        sums = self._rate_sums(layer_index)
+        return (sums["contribution_share"] / max(float(sums["tokens"]), 1.0)).float()
+
+    @property
+    def pattern_tokens(self) -> int:
+        """S, the number of sampled tokens of :meth:`activation_patterns` (0 when none)."""
+        if self._patterns is not None:
+            return self._patterns[0].shape[1] if self._patterns else 0
+        if self._patterns_file is None:
+            return 0
+        with safe_open(str(self._patterns_file), framework="pt") as file:
+            return file.get_slice("layer.0").get_shape()[1]
+
+    def activation_patterns(self, layer_index: int) -> torch.Tensor:
+        """(F, S) float32: per neuron, its share ``c_j / sum(c)`` on each of S sampled tokens
+        (evenly spaced over the profiled tokens, the same for every layer; see
+        :mod:`moefy.profiling.patterns`). Read from disk one layer at a time for a loaded
+        profile (values kept as float16, about 3 significant digits, in memory and on disk).
+
+        Args:
+            layer_index: the FFN layer.
+
+        Returns:
+            A new CPU tensor.
+
+        Example:
+            >>> rows = profile.activation_patterns(0)  # (1536, 512)
+        """
+        self._rate_sums(layer_index)
+        if self._patterns is not None:
+            return decode_patterns(self._patterns[layer_index])
+        if self._patterns_file is None:
+            raise MoefyError(
+                "this profile stores no activation patterns (profiled with pattern_tokens=0); "
+                "re-run moefy profile with --pattern-tokens 512"
+            )
+        try:
+            with safe_open(str(self._patterns_file), framework="pt") as file:
+                return decode_patterns(file.get_tensor(f"layer.{layer_index}"))
+        except (OSError, SafetensorError) as err:
+            raise MoefyError(
+                f"cannot read activation patterns of layer {layer_index} from "
+                f"{self._patterns_file}: {err}"
+            ) from None
 
     # ------------------------------------------------------------------ co-activation
 
@@ -210,6 +308,7 @@ class SparsityProfile:
             "fingerprint": self.fingerprint,
             "data": self.data,
             "has_coactivation": self.has_coactivation,
+            "has_patterns": self._patterns is not None or self._patterns_file is not None,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -238,9 +337,14 @@ class SparsityProfile:
             coactivation=self._coactivation,
             coactivation_file=self._coactivation_file,
             overwrite=overwrite,
+            patterns=self._patterns,
+            patterns_file=self._patterns_file,
         )
         if self._coactivation is None and self._coactivation_file is not None:
             self._coactivation_file = path / COACTIVATION_FILE
+        if self._patterns is None and self._patterns_file is not None:
+            self._patterns_file = path / PATTERNS_FILE
+        self.path = path
         return path
 
     @classmethod
@@ -251,7 +355,8 @@ class SparsityProfile:
             path: the folder.
 
         Returns:
-            The profile; co-activation counts stay on disk until :meth:`coactivation` asks.
+            The profile; co-activation counts and activation patterns stay on disk until
+            :meth:`coactivation` / :meth:`activation_patterns` ask.
 
         Raises:
             MoefyError: the folder is missing, incomplete or corrupt, or was written by a newer
@@ -268,4 +373,6 @@ class SparsityProfile:
             layer_sums=stored.layer_sums,
             data=stored.data,
             coactivation_file=stored.coactivation_file,
+            patterns_file=stored.patterns_file,
+            path=Path(path),
         )

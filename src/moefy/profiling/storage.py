@@ -6,6 +6,14 @@ Folder layout:
     arrays.safetensors        the float64 accumulator sums, keys ``layer.{i}.{name}``
     coactivation.safetensors  only with ``coactivation=True``: (F, F) float64 per layer,
                               keys ``layer.{i}``; read one layer at a time, never at load
+    patterns.safetensors      only with ``pattern_tokens > 0``: (F, S) float16 activation
+                              patterns per layer, keys ``layer.{i}``, scaled as
+                              :func:`moefy.profiling.patterns.encode_patterns` says; shapes are
+                              checked at load, values read one layer at a time
+
+A folder written before activation rates existed (version 1) has no ``top_counts`` /
+``contribution_share`` sums and no patterns; it loads, and the profile says what is missing when
+asked for them.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moefy.errors import MoefyError
@@ -26,13 +34,16 @@ from moefy.io import FOLDER, atomic_path
 from moefy.jsonconfig import loads_json
 from moefy.profiling.config import ProfileConfig
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: activation rates (top_counts, contribution_share) and patterns
 PROFILE_FORMAT = "moefy.sparsity_profile"
 SUMMARY_FILE = "summary.json"
 ARRAYS_FILE = "arrays.safetensors"
 COACTIVATION_FILE = "coactivation.safetensors"
+PATTERNS_FILE = "patterns.safetensors"
 # the arrays every layer's sums must hold
 _EXPECTED_SUMS = {"tokens", "firing_counts", "active_count_histogram", "abs_histogram"}
+# the (F,) sums behind the activation rates: every layer has both, or (an older folder) none
+RATE_SUMS = ("top_counts", "contribution_share")
 
 
 @dataclass
@@ -45,6 +56,7 @@ class StoredProfile:
     layer_sums: list[dict[str, torch.Tensor]]
     data: dict[str, Any] | None
     coactivation_file: Path | None
+    patterns_file: Path | None = None
 
 
 def write_profile(
@@ -55,9 +67,11 @@ def write_profile(
     coactivation: list[torch.Tensor] | None,
     coactivation_file: Path | None,
     overwrite: bool,
+    patterns: list[torch.Tensor] | None = None,
+    patterns_file: Path | None = None,
 ) -> None:
-    """Write a profile folder atomically: the summary, the sums, and the co-activation counts
-    (from memory, or copied from the file they were loaded from).
+    """Write a profile folder atomically: the summary, the sums, the co-activation counts and the
+    activation patterns (each from memory, or copied from the file they were loaded from).
 
     Args:
         path: the output folder.
@@ -66,6 +80,9 @@ def write_profile(
         coactivation: (F, F) counts per layer in memory, or None.
         coactivation_file: the file holding the counts when they are not in memory, or None.
         overwrite: replace ``path`` if moefy wrote it before.
+        patterns: (F, S) float16 activation patterns per layer in memory, already encoded by
+            :func:`moefy.profiling.patterns.encode_patterns`, or None.
+        patterns_file: the file holding the patterns when they are not in memory, or None.
     """
     with atomic_path(path, FOLDER, overwrite=overwrite) as tmp:
         tmp.mkdir()
@@ -82,6 +99,14 @@ def write_profile(
             )
         elif coactivation_file is not None:
             shutil.copyfile(coactivation_file, tmp / COACTIVATION_FILE)
+        if patterns is not None:
+            save_file(
+                {f"layer.{i}": p.contiguous() for i, p in enumerate(patterns)},
+                str(tmp / PATTERNS_FILE),
+                metadata={"format": PROFILE_FORMAT},
+            )
+        elif patterns_file is not None:
+            shutil.copyfile(patterns_file, tmp / PATTERNS_FILE)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -100,14 +125,24 @@ def read_profile(path: str | os.PathLike) -> StoredProfile:
         names = [layer["name"] for layer in summary["layers"]]
         fingerprint = dict(summary["fingerprint"])
         has_coactivation = bool(summary["has_coactivation"])
+        has_patterns = bool(summary.get("has_patterns", False))  # absent before version 2
     except (KeyError, TypeError) as err:
         raise MoefyError(f"{summary_file} is incomplete (missing {err}); profile again") from None
     layer_sums = _read_sums(path / ARRAYS_FILE, len(names))
     coactivation_file = path / COACTIVATION_FILE if has_coactivation else None
     if coactivation_file is not None and not coactivation_file.is_file():
         raise MoefyError(f"{coactivation_file} is missing although {summary_file} lists it")
+    patterns_file = path / PATTERNS_FILE if has_patterns else None
+    if patterns_file is not None:
+        _check_patterns(patterns_file, layer_sums)
     return StoredProfile(
-        config, fingerprint, names, layer_sums, summary.get("data"), coactivation_file
+        config,
+        fingerprint,
+        names,
+        layer_sums,
+        summary.get("data"),
+        coactivation_file,
+        patterns_file,
     )
 
 
@@ -146,4 +181,56 @@ def _read_sums(arrays_file: Path, num_layers: int) -> list[dict[str, torch.Tenso
     for i, sums in enumerate(layer_sums):
         if not set(sums) >= _EXPECTED_SUMS:
             raise MoefyError(f"{arrays_file} lacks the arrays of layer {i}; profile again")
+    _check_rate_sums(arrays_file, layer_sums)
     return layer_sums
+
+
+def _check_rate_sums(arrays_file: Path, layer_sums: list[dict[str, torch.Tensor]]) -> None:
+    """Every layer has both (F,) rate sums, shaped like its firing counts, or no layer has any."""
+    has_rates = {name in sums for sums in layer_sums for name in RATE_SUMS}
+    if len(has_rates) > 1:
+        raise MoefyError(
+            f"{arrays_file} holds activation rates for some layers only; profile again"
+        )
+    for i, sums in enumerate(layer_sums):
+        shape = sums["firing_counts"].shape
+        for name in RATE_SUMS:
+            if name in sums and sums[name].shape != shape:
+                raise MoefyError(
+                    f"{arrays_file}: {name} of layer {i} has shape {tuple(sums[name].shape)}, "
+                    f"expected {tuple(shape)}; profile again"
+                )
+
+
+def _check_patterns(patterns_file: Path, layer_sums: list[dict[str, torch.Tensor]]) -> None:
+    """The patterns file holds one (F, S) float16 array per layer, the same S > 0 for all,
+    next to activation rates (headers only: the values stay on disk)."""
+    if not layer_sums or RATE_SUMS[0] not in layer_sums[0]:
+        raise MoefyError(f"{patterns_file} comes without activation rates; profile again")
+    try:
+        with safe_open(str(patterns_file), framework="pt") as file:
+            keys = set(file.keys())
+            found = {
+                key: (file.get_slice(key).get_shape(), file.get_slice(key).get_dtype())
+                for key in keys
+            }
+    except (OSError, SafetensorError) as err:
+        raise MoefyError(f"{patterns_file} is missing or corrupt ({err}); profile again") from None
+    expected = {f"layer.{i}" for i in range(len(layer_sums))}
+    if keys != expected:
+        raise MoefyError(
+            f"{patterns_file} holds {len(keys)} arrays, expected one per layer "
+            f"({len(expected)}); profile again"
+        )
+    widths = set()
+    for i, sums in enumerate(layer_sums):
+        shape, dtype = found[f"layer.{i}"]
+        F = sums["firing_counts"].numel()
+        if dtype != "F16" or len(shape) != 2 or shape[0] != F or shape[1] < 1:
+            raise MoefyError(
+                f"{patterns_file}: layer {i} holds a {dtype} array of shape {tuple(shape)}, "
+                f"expected float16 ({F}, tokens); profile again"
+            )
+        widths.add(shape[1])
+    if len(widths) > 1:
+        raise MoefyError(f"{patterns_file}: the layers sample different tokens; profile again")

@@ -13,7 +13,19 @@ CONFIG_VERSION = 1
 # dtypes the collected router inputs may be stored in
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 # settings that count something: integers >= 1
-_COUNTS = ("hidden", "tokens_per_layer", "epochs", "batch_size", "forward_batch_size", "rounds")
+_COUNTS = (
+    "hidden",
+    "representatives",
+    "tokens_per_layer",
+    "epochs",
+    "batch_size",
+    "forward_batch_size",
+    "rounds",
+)
+# Representative neurons per expert of the ``analytic`` router (CMoE uses a handful).
+DEFAULT_REPRESENTATIVES = 2
+# Ridge strength of the ``lstsq`` router, relative to the mean diagonal of the centred X^T X.
+DEFAULT_RIDGE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -21,9 +33,14 @@ class RouterConfig(JsonConfig):
     """How to build and train one router per MoE layer.
 
     Attributes:
-        router: a key of :data:`moefy.routing.ROUTERS` (``mlp``, ``linear``, ``centroid``;
-            ``centroid`` is built from the weights, not trained).
+        router: a key of :data:`moefy.routing.ROUTERS` (``mlp``, ``linear``, ``centroid``,
+            ``analytic``, ``lstsq``; ``centroid`` is built from the weights, ``analytic`` and
+            ``lstsq`` are fitted in closed form, the others trained).
         hidden: hidden width H of the ``mlp`` router.
+        representatives: representative neurons per expert of the ``analytic`` router (at
+            most the expert size).
+        ridge: ridge strength of the ``lstsq`` router, relative to the mean diagonal of the
+            centred X^T X (>= 0).
         loss: a key of :data:`moefy.routing.losses.ROUTER_LOSSES`: ``listwise`` (cross-entropy
             of the predicted against the true share of each expert in the token's total norm;
             only order and shares matter for selection) or ``mse`` (regression of log norms).
@@ -39,7 +56,8 @@ class RouterConfig(JsonConfig):
         storage_dtype: dtype of the stored router inputs (``bfloat16`` halves the memory).
         seed: seed of initialisation, shuffling and reservoir sampling (same on every rank).
         rounds: collection-and-training rounds; rounds after the first collect the inputs of the
-            model routed by the previous round's routers at ``report_fraction`` of experts.
+            model routed by the previous round's routers at ``report_fraction`` of experts
+            (closed-form routers are fitted once).
         version: config format version.
 
     Example:
@@ -50,6 +68,8 @@ class RouterConfig(JsonConfig):
 
     router: str = "mlp"
     hidden: int = 128
+    representatives: int = DEFAULT_REPRESENTATIVES
+    ridge: float = DEFAULT_RIDGE
     loss: str = "listwise"
     tokens_per_layer: int = 16384
     epochs: int = 8
@@ -84,6 +104,7 @@ class RouterConfig(JsonConfig):
         check_int("RouterConfig.seed", self.seed)
         check_number("RouterConfig.lr", self.lr, above=0.0)
         check_number("RouterConfig.weight_decay", self.weight_decay, minimum=0.0)
+        check_number("RouterConfig.ridge", self.ridge, minimum=0.0)
         check_fraction("RouterConfig.holdout_fraction", self.holdout_fraction, zero=False)
         check_fraction("RouterConfig.report_fraction", self.report_fraction, zero=False, one=True)
         check_choice("RouterConfig.storage_dtype", self.storage_dtype, STORAGE_DTYPES)

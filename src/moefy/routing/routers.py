@@ -57,6 +57,8 @@ class Router(RuleSelector):
 
     # Scores are predicted norms, so they can be trained against the true ones.
     trainable: ClassVar[bool] = True
+    # Fitted in one step by ``fit(x, norms, moe)`` instead of trained (moefy.routing.closed_form).
+    closed_form: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -87,7 +89,8 @@ class Router(RuleSelector):
         return None
 
     def kernel_route(self) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]] | None:
-        if self.rule != TOPK or self.selects_all():
+        # the fused kernel's top-k knows neither shared experts nor a load bias
+        if self.rule != TOPK or self.selects_all() or self.num_shared or self.load_bias is not None:
             return None
         layers = self.score_layers()
         return None if layers is None else (self.num_selected(), layers)
@@ -260,7 +263,8 @@ def attach_routers(model: nn.Module, router: str, **settings: Any) -> list[Route
 
     Args:
         model: a moefied model.
-        router: a name in :data:`ROUTERS` (``centroid``, ``linear``, ``mlp``).
+        router: a name in :data:`ROUTERS` (``centroid``, ``linear``, ``mlp``; the closed-form
+            ``analytic`` and ``lstsq`` come unfitted: :func:`train_routers` fits them).
         **settings: constructor settings (``hidden``, ``fraction``, ``rule``, ``tau`` ...).
 
     Returns:

@@ -9,7 +9,8 @@ on an exception) takes the layer's input x, computes the true norms ``||W_out_e 
 streams both into a bounded per-layer reservoir (reservoir sampling beyond
 ``tokens_per_layer``), so memory is ``layers x R x (D + E)`` whatever the amount of text. Each
 router is then fitted with a loss of :data:`ROUTER_LOSSES` (default ``listwise``: the predicted
-share of each expert in the token's total norm against the true share), and the last
+share of each expert in the token's total norm against the true share), or, for a closed-form
+router (:mod:`moefy.routing.closed_form`), fitted in one step to the true norms; the last
 ``holdout_fraction`` of the text gives the report.
 
 Targets are computed and stored in float32 whatever the model dtype. Seeded draws (reservoir slots,
@@ -265,14 +266,22 @@ def _topk_metrics(scores: torch.Tensor, log_norms: torch.Tensor, k: int) -> torc
 
 
 def _holdout_metrics(
-    router: Router, inputs: torch.Tensor, log_norms: torch.Tensor, k: int, batch: int
+    router: Router,
+    moe: MoEFFN,
+    inputs: torch.Tensor,
+    log_norms: torch.Tensor,
+    k: int,
+    batch: int,
 ) -> tuple[float, float, float]:
-    """Mean (recall, norm share, oracle norm share) over held-out tokens."""
+    """Mean (recall, norm share, oracle norm share) over held-out tokens of ``moe``; its shared
+    experts (which always run) count as chosen."""
     sums = torch.zeros(3, dtype=torch.float64, device=inputs.device)
+    shared = int(getattr(moe, "num_shared", 0))
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch):
-            scores = router.scores(inputs[start : start + batch])
-            sums += _topk_metrics(scores.float(), log_norms[start : start + batch], k)
+            scores = router.scores(inputs[start : start + batch], moe).float()  # (n, E)
+            scores[:, :shared] = float("inf")
+            sums += _topk_metrics(scores, log_norms[start : start + batch], k)
     n = max(1, inputs.shape[0])
     recall, share, oracle_share = (sums / n).tolist()  # the final figures, to the host once
     return recall, share, oracle_share
@@ -317,6 +326,27 @@ def _fit(
     optimizer.zero_grad(set_to_none=True)  # leave no stale gradients on the model
     router.eval()
     return float(epoch_loss) / steps
+
+
+def _fit_layer(
+    router: Router,
+    moe: MoEFFN,
+    inputs: torch.Tensor,
+    log_norms: torch.Tensor,
+    config: RouterConfig,
+    index: int,
+) -> float:
+    """Train or fit layer ``index``'s router on its (N, D) inputs and (N, E) log true norms;
+    the last epoch's mean loss (nan when nothing is trained)."""
+    if router.closed_form:
+        if inputs.shape[0]:
+            with torch.no_grad():
+                router.fit(inputs, log_norms.exp(), moe)
+        return float("nan")
+    if not router.trainable:
+        return float("nan")
+    gen = torch.Generator().manual_seed(config.seed * _SEED_STRIDE + index)
+    return _fit(router, inputs, log_norms, config, gen)
 
 
 @contextlib.contextmanager
@@ -370,17 +400,12 @@ def _fit_round(
         # the held-out tokens are the last of the text: other documents than the trained ones
         train_x, train_y = inputs[: n - n_holdout], targets[: n - n_holdout]
         held_x, held_y = inputs[n - n_holdout :], targets[n - n_holdout :]
-        k = _report_k(moe, config)
+        k, batch = _report_k(moe, config), config.batch_size * 8
         before = float(figures[i][0])
-        if untrained:
-            before, _, _ = _holdout_metrics(router, held_x, held_y, k, config.batch_size * 8)
-        loss = float("nan")
-        if router.trainable:
-            gen = torch.Generator().manual_seed(config.seed * _SEED_STRIDE + i)
-            loss = _fit(router, train_x, train_y, config, gen)
-        recall, share, oracle_share = _holdout_metrics(
-            router, held_x, held_y, k, config.batch_size * 8
-        )
+        if untrained and not router.closed_form:  # an unfitted closed-form router scores nothing
+            before, _, _ = _holdout_metrics(router, moe, held_x, held_y, k, batch)
+        loss = _fit_layer(router, moe, train_x, train_y, config, i)
+        recall, share, oracle_share = _holdout_metrics(router, moe, held_x, held_y, k, batch)
         figures[i] = torch.tensor(
             [before, recall, share, oracle_share, loss, train_x.shape[0], n_holdout],
             dtype=torch.float64,
@@ -404,6 +429,9 @@ def train_routers(
 
     Each layer keeps its top-k setting (``k`` / ``keep``); the new routers replace the
     layers' selectors, so :func:`moefy.moe.save` writes them with the model.
+
+    Closed-form routers (``analytic``, ``lstsq``) are fitted once to the dense model's inputs
+    and true norms, with no gradient steps.
 
     The first round learns from the dense model's inputs. With ``config.rounds`` > 1 each later
     round runs the text through the model routed by the last round's routers (keeping
@@ -477,14 +505,16 @@ def _train_rounds(
     *,
     show: bool,
 ) -> tuple[list[torch.Tensor], int]:
-    """Collect and train ``config.rounds`` times; each layer's (7,) figures and the number of
-    calibration tokens seen (over all ranks)."""
+    """Collect and train ``config.rounds`` times (closed-form routers: collect and fit once);
+    each layer's (7,) figures and the number of calibration tokens seen (over all ranks)."""
     from moefy.moe.convert import reset_tally
 
     # untrained recall, recall, norm share, oracle share, loss, train and held-out tokens
     figures = [torch.full((7,), float("nan"), dtype=torch.float64) for _ in layers]
     n_tokens = 0
-    for round_index in range(config.rounds):
+    # a closed-form fit is the same whatever the round: fitted once, on the dense model's inputs
+    rounds = 1 if routers and routers[0].closed_form else config.rounds
+    for round_index in range(rounds):
         if round_index == 0:  # the dense model's inputs
             reservoirs = _collect(
                 model, data, layers, config, dense=True, show=show, desc="collecting router data"

@@ -48,6 +48,8 @@ class SweepContext:
         calibration: calibration blocks for methods that calibrate (thresholds).
         moe: folder of a moefied model (``moefy convert``), or None to split on the fly.
         routed: folder of a moefied model with trained routers (``moefy train-routers``).
+        carved: folder of a carved model (``moefy convert --shared ... --router analytic``), or
+            None to carve the dense model on the calibration text (:func:`moefy.carve.carve_`).
         experts: experts per layer when the sweep splits on the fly.
         device, dtype: where every model is loaded, and its weight dtype.
         cache: moefied models built on the fly, by folder, so each is built once.
@@ -59,6 +61,7 @@ class SweepContext:
     calibration: TokenBlocks | None = None
     moe: str | None = None
     routed: str | None = None
+    carved: str | None = None
     experts: int = 64
     device: Any = "cpu"
     dtype: Any = "fp32"
@@ -92,6 +95,25 @@ class SweepContext:
             self.cache["moe"] = model
         return copy.deepcopy(self.cache["moe"])
 
+    def load_carved(self) -> nn.Module:
+        """A fresh carved model: from ``carved``, or carved now on the calibration text."""
+        import copy
+
+        from moefy.models.load import load_model
+
+        if self.carved is not None:
+            return load_model(self.carved, dtype=self.dtype, device=self.device)[0]
+        if self.calibration is None:
+            raise MoefyError("carving needs calibration text (or pass --carved, a carved model)")
+        self.cache = self.cache if self.cache is not None else {}
+        if "carved" not in self.cache:
+            from moefy.carve import carve_
+
+            model = self.load_dense()
+            carve_(model, self.calibration)
+            self.cache["carved"] = model
+        return copy.deepcopy(self.cache["carved"])
+
     def load_routed(self) -> nn.Module:
         """A fresh moefied model with trained routers (needs ``routed``)."""
         from moefy.models.load import load_model
@@ -121,6 +143,8 @@ class SweepMethod:
         in_default: ``moefy sweep`` runs it when no ``--methods`` are given.
         deployable: a way to run a model faster; False for bounds such as the oracle, which
             computes every expert to choose some (the report's headline leaves them out).
+        calibrates: reads the sweep's calibration text (its results depend on
+            ``calibration_tokens``).
     """
 
     name: str
@@ -132,6 +156,7 @@ class SweepMethod:
     check_level: Callable[[float | None], None] | None = None
     in_default: bool = False
     deployable: bool = True
+    calibrates: bool = False
 
 
 def _register_builtins() -> None:
@@ -220,6 +245,31 @@ def _moe_router(router: str) -> Callable[[SweepContext, float | None], nn.Module
     return prepare
 
 
+def _moe_carved(oracle: bool) -> Callable[[SweepContext, float | None], nn.Module]:
+    """The carved MoE with its own router (or the oracle of the same experts), with experts
+    allocated per layer so the model's FFN FLOPs, routers included, are the level's share."""
+
+    def prepare(context: SweepContext, level: float | None) -> nn.Module:
+        from moefy.moe.budget import allocate_experts
+        from moefy.moe.convert import moe_layers
+        from moefy.moe.selectors import OracleSelector
+
+        name = "moe-carved-oracle" if oracle else "moe-carved"
+        share = _check_share(level, name)
+        model = context.load_carved()
+        if oracle:
+            for moe in moe_layers(model):
+                moe.selector = OracleSelector(moe.num_experts)
+        if context.calibration is None:
+            raise MoefyError(f"{name} allocates experts per layer on calibration text")
+        curves = context.calibrations.get(name)  # measured once, for every level
+        report = allocate_experts(model, context.calibration, share, curves=curves)
+        context.calibrations[name] = report.errors
+        return model
+
+    return prepare
+
+
 def _moe_dynamic(context: SweepContext, level: float | None) -> nn.Module:
     from moefy.routing import set_routing
 
@@ -285,6 +335,20 @@ def _register_model_methods() -> None:
                 deployable=not oracle,
             )
         )
+    for name in ("moe-carved", "moe-carved-oracle"):
+        oracle = name.endswith("oracle")
+        register_method(
+            SweepMethod(
+                name,
+                "moe",
+                KEEP,
+                (0.5, 0.25),
+                _moe_carved(oracle),
+                check_level=_share_check(name),
+                deployable=not oracle,
+                calibrates=True,
+            )
+        )
     register_method(
         SweepMethod(
             "moe-dynk",
@@ -324,6 +388,7 @@ def _sync_threshold_methods() -> None:
             _threshold(entry.name),
             check_level=_threshold_check(entry.name),
             in_default=True,
+            calibrates=True,
         )
 
     _sync("from_sparsify", SPARSIFY_METHODS.entries(), build)
@@ -347,6 +412,7 @@ def _sync_layer_methods() -> None:
             _layer_method(entry.name),
             uses_shared_levels=False,
             check_level=_layer_check(entry.name),
+            calibrates=True,
         )
 
     _sync("from_layers", LAYER_METHODS.entries(), build)

@@ -40,6 +40,8 @@ class SweepConfig(JsonConfig):
         calibration_tokens: calibration tokens for methods that calibrate.
         moe: folder of a moefied model, or None to split with ``params`` on the fly.
         routed: folder of a moefied model with trained routers.
+        carved: folder of a carved model (``moefy convert --shared ... --router``) for the
+            ``moe-carved`` methods, or None to carve the dense model on the calibration text.
         profile: a profile folder whose plots go into the report, or None.
         experts: experts per layer for an on-the-fly split.
         device: where every model runs (``auto``: CUDA when present, else the CPU; ``cpu``,
@@ -58,6 +60,7 @@ class SweepConfig(JsonConfig):
     calibration_tokens: int = 8192
     moe: str | None = None
     routed: str | None = None
+    carved: str | None = None
     profile: str | None = None
     experts: int = 64
     device: str = "auto"
@@ -85,7 +88,12 @@ class SweepConfig(JsonConfig):
         if self.calibration_tokens < 1:
             raise MoefyError(f"calibration_tokens must be >= 1, got {self.calibration_tokens}")
         self._check_plan()
-        folders = {"moe": self.moe, "routed": self.routed, "profile": self.profile}
+        folders = {
+            "moe": self.moe,
+            "routed": self.routed,
+            "carved": self.carved,
+            "profile": self.profile,
+        }
         for option, folder in folders.items():
             if folder is not None and not Path(folder).is_dir():
                 raise MoefyError(f"--{option} {folder} is not a folder ({option}= in Python)")
@@ -98,7 +106,11 @@ class SweepConfig(JsonConfig):
         from moefy.moe.serialize import MOEFY_CONFIG_FILE
         from moefy.profiling.result import ARRAYS_FILE, SUMMARY_FILE
 
-        made_by = {"moe": "moefy convert", "routed": "moefy train-routers"}
+        made_by = {
+            "moe": "moefy convert",
+            "routed": "moefy train-routers",
+            "carved": "moefy convert --shared ... --router analytic",
+        }
         for option, maker in made_by.items():
             folder = getattr(self, option)
             if folder is not None and not (Path(folder) / MOEFY_CONFIG_FILE).is_file():
@@ -226,10 +238,12 @@ def _key_parts(config: SweepConfig, method: str, level: float | None) -> dict[st
         "model": folder_stamp(config.model),
         "eval": config.eval.to_dict(),
     }
-    family = get_method(method).family
-    if family in ("threshold", "layers"):
+    entry = get_method(method)
+    if entry.calibrates:
         parts["calibration_tokens"] = config.calibration_tokens
-    if family == "moe":
+    if method.startswith("moe-carved"):  # its own model: the other moe folders do not count
+        parts["carved"] = folder_stamp(config.carved)
+    elif entry.family == "moe":
         parts["moe"] = folder_stamp(config.moe)
         parts["routed"] = folder_stamp(config.routed)
         parts["experts"] = config.experts if config.moe is None else None
@@ -377,6 +391,7 @@ def _evaluate_missing(
         calibration=shared.calibration,
         moe=config.moe,
         routed=config.routed,
+        carved=config.carved,
         experts=config.experts,
         device=device,
         dtype=dtype,
@@ -407,7 +422,7 @@ def _prepare_evaluation(
     text = load_text(config.eval.data)  # a bad --data fails before the model loads
     dense, tokenizer = load_model(config.model, dtype=dtype, device=device)
     blocks = evaluation_blocks(tokenizer, config.eval)
-    needs_calibration = any(get_method(m).family in ("threshold", "layers") for m, _ in todo)
+    needs_calibration = any(get_method(m).calibrates for m, _ in todo)
     calibration = (
         text.blocks(tokenizer, "calibration", config.eval.block_len, config.calibration_tokens)
         if needs_calibration
