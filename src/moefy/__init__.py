@@ -47,6 +47,9 @@ _EXPORTS = {
     "SparsityProfile": "moefy.profiling",
     # MoEfication
     "moefy_": "moefy.moe",
+    "carve_": "moefy.carve",
+    "CarveConfig": "moefy.carve",
+    "allocate_experts": "moefy.moe",
     "unmoefy": "moefy.moe",
     "MoEfyConfig": "moefy.moe",
     "MoEFFN": "moefy.moe",
