@@ -25,16 +25,15 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as Fn
 from torch import nn
 
 from moefy.bench.bandwidth import last_level_cache_bytes
+from moefy.bench.ffn import DenseCopies
 from moefy.bench.timing import interleaved_medians
 from moefy.errors import MoefyError
 from moefy.kernels import SMALL_BATCH_MAX, Backend, expert_ffn
 
 ACT = "silu"
-WEIGHT_SCALE = 0.02
 D_MODEL, D_FF = 576, 1536  # SmolLM2-135M's FFN
 EXPERT_SIZES = (8, 16, 32, 64)
 KEEPS = (0.25, 0.5)
@@ -86,33 +85,8 @@ def random_selection(
     return mask.scatter_(1, scores.topk(k, dim=1).indices, True)
 
 
-class _Copies:
-    """``count`` random dense layers of one shape, cycled call by call."""
-
-    def __init__(self, d_model: int, d_ff: int, count: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-
-        def weights(*size: int) -> torch.Tensor:
-            return torch.empty(size).uniform_(-WEIGHT_SCALE, WEIGHT_SCALE, generator=gen)
-
-        self.gate = [weights(d_ff, d_model) for _ in range(count)]  # (F, D)
-        self.up = [weights(d_ff, d_model) for _ in range(count)]  # (F, D)
-        self.down = [weights(d_model, d_ff) for _ in range(count)]  # (D, F)
-        self.count = count
-
-    def cycler(self) -> Callable[[], int]:
-        order = itertools.cycle(range(self.count))
-        return lambda: next(order)
-
-    def dense_call(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-        pick = self.cycler()
-
-        def dense() -> torch.Tensor:
-            i = pick()
-            hidden = Fn.silu(Fn.linear(x, self.gate[i])) * Fn.linear(x, self.up[i])  # (N, F)
-            return Fn.linear(hidden, self.down[i])  # (N, D)
-
-        return dense
+class _Copies(DenseCopies):
+    """``count`` random dense layers of one shape, cycled call by call, in any expert size."""
 
     def layouts(self, expert_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [

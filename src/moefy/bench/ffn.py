@@ -59,28 +59,29 @@ BATCHES = (1, 4, 16)
 ACTIVE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
 
 
-class _Layers:
-    """``copies`` random layers of one shape, in the dense and the expert-major layouts."""
+class DenseCopies:
+    """``count`` random dense gated SiLU FFNs of one shape, cycled call by call (so no timed
+    call finds its weights in cache).
 
-    def __init__(self, shape: FFNShape, copies: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        D, F, E, S = shape.d_model, shape.d_ff, shape.num_experts, shape.expert_size
+    Attributes:
+        gate, up: ``count`` (F, D) input projections each.
+        down: ``count`` (D, F) output projections.
+    """
 
-        def weights(*size: int) -> torch.Tensor:
-            return torch.empty(size).uniform_(-WEIGHT_SCALE, WEIGHT_SCALE, generator=gen)
+    def __init__(self, d_model: int, d_ff: int, count: int, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)  # later layouts draw from it too
+        self.gate = [self.weights(d_ff, d_model) for _ in range(count)]  # (F, D)
+        self.up = [self.weights(d_ff, d_model) for _ in range(count)]  # (F, D)
+        self.down = [self.weights(d_model, d_ff) for _ in range(count)]  # (D, F)
+        self.count = count
 
-        self.gate = [weights(F, D) for _ in range(copies)]  # (F, D)
-        self.up = [weights(F, D) for _ in range(copies)]  # (F, D)
-        self.down = [weights(D, F) for _ in range(copies)]  # (D, F)
-        self.down_t = [w.t().contiguous() for w in self.down]  # (F, D) for the teal kernel
-        self.gate_t = [w.t().contiguous() for w in self.gate]  # (D, F)
-        self.up_t = [w.t().contiguous() for w in self.up]  # (D, F)
-        self.w_in = [weights(E, 2 * S, D) for _ in range(copies)]  # (E, 2S, D)
-        self.w_out = [weights(E, S, D) for _ in range(copies)]  # (E, S, D)
-        self.copies = copies
+    def weights(self, *size: int) -> torch.Tensor:
+        """Uniform random weights in [-WEIGHT_SCALE, WEIGHT_SCALE] from this set's generator."""
+        return torch.empty(size).uniform_(-WEIGHT_SCALE, WEIGHT_SCALE, generator=self.generator)
 
     def cycler(self) -> Callable[[], int]:
-        order = itertools.cycle(range(self.copies))
+        """A call that returns the next copy's index, round robin."""
+        order = itertools.cycle(range(self.count))
         return lambda: next(order)
 
     def dense_call(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -93,6 +94,19 @@ class _Layers:
             return Fn.linear(hidden, self.down[i])  # (N, D)
 
         return dense
+
+
+class _Layers(DenseCopies):
+    """``copies`` random layers of one shape, in the dense and the expert-major layouts."""
+
+    def __init__(self, shape: FFNShape, copies: int, seed: int) -> None:
+        super().__init__(shape.d_model, shape.d_ff, copies, seed)
+        D, E, S = shape.d_model, shape.num_experts, shape.expert_size
+        self.down_t = [w.t().contiguous() for w in self.down]  # (F, D) for the teal kernel
+        self.gate_t = [w.t().contiguous() for w in self.gate]  # (D, F)
+        self.up_t = [w.t().contiguous() for w in self.up]  # (D, F)
+        self.w_in = [self.weights(E, 2 * S, D) for _ in range(copies)]  # (E, 2S, D)
+        self.w_out = [self.weights(E, S, D) for _ in range(copies)]  # (E, S, D)
 
     def experts_call(self, x: torch.Tensor, mask: torch.Tensor) -> Callable[[], torch.Tensor]:
         """The expert kernel on ``x`` (N, D) with selection ``mask`` (N, E)."""
@@ -197,7 +211,7 @@ def _teal_variant(
     x_threshold = _keep_threshold(x, active)
     kept_x = int((x.abs() > x_threshold).sum())
     h_thresholds, kept_h = [], 0
-    for i in range(layers.copies):  # each copy's hidden activations, for its own threshold
+    for i in range(layers.count):  # each copy's hidden activations, for its own threshold
         hidden = Fn.silu(x @ layers.gate_t[i]) * (x @ layers.up_t[i])  # (1, F)
         h_thresholds.append(_keep_threshold(hidden, active))
         kept_h += int((hidden.abs() > h_thresholds[-1]).sum())
@@ -211,4 +225,4 @@ def _teal_variant(
         return threshold_linear(h, layers.down_t[i], None, h_thresholds[i])  # (1, D)
 
     row_bytes = shape.d_ff * 4  # a gate or up row (I = D side) holds F floats
-    return teal, 2 * kept_x * row_bytes + kept_h / layers.copies * shape.d_model * 4
+    return teal, 2 * kept_x * row_bytes + kept_h / layers.count * shape.d_model * 4
