@@ -3,9 +3,11 @@ norm each captures, on held-out calibration tokens.
 
 SmolLM2-135M is carved (:func:`moefy.carve.carve_`: 8-neuron experts, 12.5 % shared,
 ``activation`` split). For a sample of layers, the inputs of each MoE layer are collected on
-BBC News calibration text and split 3:1 into fitting and held-out tokens. Each router picks the
-routed experts of ``keep`` of the layer (shared ones run anyway); the figure is the sum of the
-true output norms of its picks over the oracle's, averaged over held-out tokens. Routers:
+BBC News calibration text (:func:`moefy.moe.budget.collect_layer_inputs`: every expert running,
+the attention-sink positions left out) and split 3:1 into fitting and held-out tokens. Each
+router picks the routed experts of ``keep`` of the layer (shared ones run anyway); the figure is
+the sum of the true output norms of its picks over the oracle's, averaged over held-out tokens.
+Routers:
 ``lstsq`` (ridge fit of the norms), ``lstsq-sq`` (of the squared norms), ``pcaR`` (every
 neuron's activation computed from the input projected on its R leading principal components,
 summed per expert: a low-rank analytic router), ``analyticR`` (R representative neurons per
@@ -24,23 +26,7 @@ import torch
 from moefy import load_model, load_text
 from moefy.carve import CarveConfig, carve_
 from moefy.moe import moe_layers
-
-
-def layer_inputs(model, blocks, layers) -> list[torch.Tensor]:
-    """(N, D) inputs of each MoE layer on ``blocks`` (every expert running)."""
-    seen: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [
-        moe.register_forward_pre_hook(
-            lambda _m, args, i=i: seen[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        )
-        for i, moe in enumerate(layers)
-    ]
-    with torch.no_grad():
-        for start in range(0, blocks.input_ids.shape[0], 8):
-            model(blocks.input_ids[start : start + 8])
-    for hook in hooks:
-        hook.remove()
-    return [torch.cat(parts).float() for parts in seen]
+from moefy.moe.budget import collect_layer_inputs
 
 
 def ridge(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -94,7 +80,8 @@ def main() -> None:
     carve_(model, blocks, CarveConfig(router="oracle"))
     layers = moe_layers(model)
     picked = [int(i) for i in args.layers.split(",")]
-    inputs = layer_inputs(model, blocks, [layers[i] for i in picked])
+    collected = collect_layer_inputs(model, blocks, tokens_per_layer=args.tokens)
+    inputs = [collected[i].float() for i in picked]
     totals: dict[str, list[float]] = {}
     for index, x in zip(picked, inputs, strict=True):
         moe = layers[index]
