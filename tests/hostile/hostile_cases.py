@@ -396,6 +396,7 @@ NUMBERS = (
     ("convert", "--size-multiple", ("0",)),
     ("convert", "--seed", ("text",)),
     ("convert", "--shared", ("1.0", "-0.5", "nan")),
+    ("convert", "--tokens", ("0", "nan")),
     ("splits", "--experts", ("inf",)),
     ("splits", "--fractions", ("0", "nan", "1.5", "")),
     ("splits", "--keep", ("0", "inf", "text")),
@@ -1259,6 +1260,16 @@ SWEEPS = (
         "sweep-moe-dense-folder",
         base("sweep", "--methods", "dense,moe-oracle", "--moe", "{tiny}"),
         expect=("convert",),
+    ),
+    CliCase(
+        "sweep-carved-missing",
+        base("sweep", "--methods", "dense,moe-carved", "--carved", "gone"),
+        expect=("gone",),
+    ),
+    CliCase(
+        "sweep-carved-dense-folder",
+        base("sweep", "--methods", "dense,moe-carved", "--carved", "{tiny}"),
+        expect=("--carved",),
     ),
     CliCase(
         "sweep-resume-rows-folder",
