@@ -10,7 +10,7 @@ STAMP := $(VENV)/.moefy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-compat lint bench bench-gpu clean
+.PHONY: install demo test test-compat test-serving lint bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -105,6 +105,19 @@ $(COMPAT_STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt Ma
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Serving checks (optional; CI does not run them): `moefy export` writes $(SERVING_MOE) (the demo's
+# carved MoE, built when missing) as a Qwen2-MoE folder and a GGUF file; vLLM's CPU build and
+# llama.cpp, each in its own venv (.venv-vllm, .venv-llamacpp, built once by
+# serving/setup_venvs.sh), must reproduce greedy transformers on 5 prompts x 32 tokens, and are
+# timed against dense SmolLM2. Results: $(SERVING_OUT)/vllm.json, llamacpp.json. See docs/serving.md.
+SERVING_OUT ?= $(RUNS)/serving
+SERVING_MOE ?= $(RUNS)/carved
+SERVING_ENGINES ?= vllm llamacpp
+SERVING_EXPORT_ARGS ?= --keep 0.25 --eval-tokens 0
+test-serving: $(STAMP)
+	SERVING_OUT=$(SERVING_OUT) SERVING_MOE=$(SERVING_MOE) SERVING_ENGINES="$(SERVING_ENGINES)" \
+		SERVING_EXPORT_ARGS="$(SERVING_EXPORT_ARGS)" RUNS=$(RUNS) serving/run_checks.sh
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) $(RUNS)

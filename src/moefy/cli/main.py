@@ -31,6 +31,7 @@ COMMANDS = {
     "layers": "moefy.cli.layers_cmd",
     "drop": "moefy.cli.drop_cmd",
     "finetune": "moefy.cli.finetune_cmd",
+    "export": "moefy.cli.export_cmd",
 }
 
 EXIT_USAGE = 2
