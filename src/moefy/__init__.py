@@ -29,6 +29,8 @@ _EXPORTS = {
     "save": "moefy.saving",
     "load": "moefy.models.load",
     "load_text": "moefy.data.text",
+    # export to standard MoE checkpoints (transformers Qwen2-MoE, GGUF)
+    "export": "moefy.export",
     "TokenBlocks": "moefy.data.blocks",
     "TextSource": "moefy.data.text",
     # evaluation
@@ -73,6 +75,9 @@ _EXPORTS = {
     "CATSConfig": "moefy.sparsify",
     "CHESSConfig": "moefy.sparsify",
     "WINAConfig": "moefy.sparsify",
+    "SCAPConfig": "moefy.sparsify",
+    "RotateConfig": "moefy.sparsify",
+    "LowRankConfig": "moefy.sparsify",
     "SparsifyReport": "moefy.sparsify",
     "SparsityMeasurement": "moefy.sparsify",
     "measure": "moefy.sparsify",

@@ -86,3 +86,41 @@ def test_no_tokens_is_an_error():
     model = tiny_model("llama")
     with pytest.raises(MoefyError, match="no tokens"), measure_cost(model) as meter:
         meter.result()
+
+
+def _attention_flops_by_hand(model: nn.Module) -> float:
+    """2 I O + O for every Linear of the attention blocks (the LM head left out)."""
+    total = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".self_attn." in name:
+            out_f, in_f = module.weight.shape
+            total += 2 * in_f * out_f + (out_f if module.bias is not None else 0)
+    return total
+
+
+def test_attention_flops_are_the_block_linears_outside_the_ffn():
+    model = tiny_model("llama")
+    cost = _run(model, tiny_inputs("llama"))
+    assert cost.attention_flops_per_token == pytest.approx(_attention_flops_by_hand(model))
+    assert 0 < cost.attention_flops_per_token < cost.other_flops_per_token  # the head is other
+    assert cost.block_linear_flops_per_token == pytest.approx(
+        cost.ffn_flops_per_token + cost.attention_flops_per_token
+    )
+
+
+def test_sparsified_attention_lowers_the_attention_flops():
+    from moefy.data.blocks import TokenBlocks
+    from moefy.sparsify import TEALConfig
+    from tiny_models import VOCAB
+
+    model = tiny_model("llama")
+    dense = _run(model, tiny_inputs("llama"))
+    gen = torch.Generator().manual_seed(0)
+    blocks = TokenBlocks(torch.randint(3, VOCAB, (8, 16), generator=gen))
+    config = TEALConfig(sparsity=0.5, attention=True, greedy=False, min_calibration_tokens=1)
+    sparsify_(model, config, blocks)
+    sparse = _run(model, tiny_inputs("llama"))
+    assert sparse.attention_flops_per_token < 0.8 * dense.attention_flops_per_token
+    assert sparse.other_flops_per_token - sparse.attention_flops_per_token == pytest.approx(
+        dense.other_flops_per_token - dense.attention_flops_per_token
+    )

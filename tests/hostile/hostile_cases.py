@@ -278,6 +278,11 @@ BASE: dict[str, tuple[str, ...]] = {
     "layers": ("layers", *MODEL_DATA, *"--tokens 256".split()),
     "drop": ("drop", *MODEL_DATA, *"--tokens 256 --blocks 1 --eval-tokens 128".split()),
     "finetune": ("finetune", *MODEL_DATA, *"--tokens 256 --steps 1 --eval-tokens 0".split()),
+    "export": (
+        "export",
+        *"--model {plainmoe} --data {text} --block-len 32 --batch-size 4 --tokens 256".split(),
+        *"--keep 0.5 --eval-tokens 128".split(),
+    ),
     "generate": (
         "generate",
         *"--model {moe} --max-new-tokens 4 --backend reference --prompt".split(),
@@ -323,6 +328,7 @@ OUTPUTS = (
     ("layers", "--out", FOLDER, "layers"),
     ("drop", "--out", FOLDER, "dropped"),
     ("finetune", "--out", FOLDER, None),
+    ("export", "--out", FOLDER, "moe"),
 )
 
 LONG_NAME = "n" * 256  # one byte over NAME_MAX
@@ -411,6 +417,9 @@ NUMBERS = (
     ("train-routers", "--taus", ("nan",)),
     ("sparsify", "--sparsity", ("1", "-0.1", "nan")),
     ("sparsify", "--calibration-passes", ("0",)),
+    ("sparsify", "--rank", ("0", "-1", "text")),
+    ("export", "--keep", ("0", "1.5", "nan")),
+    ("export", "--eval-tokens", ("-1",)),
     ("sparsify", "--eval-tokens", ("text",)),
     ("generate", "--max-new-tokens", ("0", "1")),
     ("generate", "--threads", ("-1",)),
@@ -572,6 +581,70 @@ CHOICES = (
         (*base("evaluate"), "--tasks", "perplexity,mind-reading"),
         early=True,
         expect=("mind-reading",),
+    ),
+    CliCase(
+        "choice-sparsify-budget",
+        (*base("sparsify"), "--method", "teal", "--budget", "everywhere"),
+        early=True,
+        expect=("--budget",),
+    ),
+    CliCase(
+        "choice-sparsify-centre",
+        (*base("sparsify"), "--method", "teal", "--centre", "middle"),
+        early=True,
+        expect=("--centre",),
+    ),
+    CliCase(
+        "combo-sparsify-rank-over-matrix",
+        (*base("sparsify"), "--method", "lowrank", "--rank", "100000", "--tokens", "2048"),
+        expect=("rank",),
+    ),
+    CliCase(
+        "combo-sparsify-centre-on-cats",
+        (*base("sparsify"), "--method", "cats", "--centre", "mode"),
+        early=True,
+        expect=("--centre",),
+    ),
+    CliCase(
+        "combo-sparsify-global-without-greedy",
+        (*base("sparsify"), "--method", "teal", "--budget", "global", "--no-greedy"),
+        early=True,
+        expect=("greedy",),
+    ),
+    CliCase(
+        "choice-export-format",
+        (*base("export"), "--format", "onnx", "--out", "new"),
+        early=True,
+        expect=("onnx",),
+    ),
+    CliCase(
+        "combo-export-dense-model",
+        base("export", "--out", "new", model="{tiny}"),
+        expect=("moefied", "convert"),
+    ),
+    CliCase(
+        "combo-export-q8-hf",
+        (*base("export"), "--dtype", "q8_0", "--out", "new"),
+        early=True,
+        expect=("q8_0",),
+    ),
+    CliCase(
+        "choice-sweep-variant-field",
+        (*base("sweep"), "--methods", "dense,teal:colour=red"),
+        early=True,
+        expect=("colour",),
+    ),
+    CliCase(
+        "choice-sweep-variant-form",
+        (*base("sweep"), "--methods", "dense,teal:attention"),
+        early=True,
+        expect=("FIELD=VALUE",),
+    ),
+    CliCase(
+        "choice-bench-methods",
+        (*base("bench"), "--methods", "psychic"),
+        early=True,
+        expect=("psychic",),
     ),
     CliCase(
         "choice-sweep-level-method",

@@ -87,6 +87,21 @@ def _build_moe(assets: Assets, path: Path) -> None:
     _cli("convert", "--model", str(assets["tiny"]), "--experts", "4", "--out", str(path))
 
 
+def _build_plain_moe(assets: Assets, path: Path) -> None:
+    """A moefied tiny Llama without FFN biases: what ``moefy export`` can write (Qwen2-MoE
+    experts have no biases)."""
+    import torch
+    import transformers as T
+
+    from tiny_models import _DEC, tiny_tokenizer
+
+    torch.manual_seed(0)
+    dense = path.parent / "tiny-llama-plain"
+    T.LlamaForCausalLM(T.LlamaConfig(**_DEC)).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    _cli("convert", "--model", str(dense), "--experts", "4", "--out", str(path))
+
+
 def _build_profile(assets: Assets, path: Path) -> None:
     _cli(
         "profile",
@@ -175,6 +190,7 @@ _BUILDERS: dict[str, tuple[str, Callable[[Assets, Path], None]]] = {
     "tiny": ("tiny-llama", _build_tiny),
     "text": ("words.jsonl", _build_text),
     "moe": ("moefied", _build_moe),
+    "plainmoe": ("moefied-plain", _build_plain_moe),
     "profile": ("profile", _build_profile),
     "sweep": ("sweep", _build_sweep),
     "sparse": ("sparse", _build_sparse),

@@ -296,7 +296,35 @@ API_CASES = (
         (user_folder("mywork"),),
     ),
     ApiCase("relufy-negative-threshold", lambda a: moefy.relufy_(a.model, threshold=-1.0)),
+    ApiCase("lowrank-negative-rank", lambda a: _sparsify_config("lowrank", rank=-1)),
+    ApiCase(
+        "lowrank-rank-over-matrix",
+        lambda a: moefy.sparsify_(a.model, _sparsify_config("lowrank", rank=10_000), a.blocks),
+    ),
+    ApiCase("budget-unknown-rule", lambda a: _sparsify_config("teal", budget="everywhere")),
+    ApiCase("centre-unknown", lambda a: _sparsify_config("wina", centre="middle")),
+    ApiCase(
+        "centre-topk-without-text",
+        lambda a: moefy.sparsify_(a.model, _sparsify_config("topk", centre="mode")),
+    ),
+    ApiCase(
+        "rotate-sparsified-twice",
+        lambda a: moefy.sparsify_(a.sparse, _sparsify_config("rotate"), a.blocks),
+    ),
+    ApiCase("export-not-moefied", lambda a: moefy.export(a.model, a.path("out"))),
+    ApiCase("export-unknown-format", lambda a: moefy.export(a.moefied, a.path("o"), format="onnx")),
+    ApiCase(
+        "export-into-user-folder",
+        lambda a: moefy.export(a.moefied, a.path("mywork")),
+        (user_folder("mywork"),),
+    ),
 )
+
+
+def _sparsify_config(method: str, **fields: Any) -> Any:
+    from moefy.sparsify import config_from_dict
+
+    return config_from_dict({"method": method, "min_calibration_tokens": 1, **fields})
 
 
 def _sweep(*args: Any, **kwargs: Any) -> Any:

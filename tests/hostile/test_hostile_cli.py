@@ -112,6 +112,7 @@ _OUTPUT_OPTIONS = {
     "layers": (("--out", "new"),),
     "drop": (("--out", "new"),),
     "finetune": (("--out", "new"),),
+    "export": (("--out", "new"),),
     "generate": (),
 }
 

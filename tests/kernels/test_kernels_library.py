@@ -281,3 +281,18 @@ def test_cpp_kernels_are_the_cpu_implementation_without_the_interpreter():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["ok"]
+
+
+def test_all_zero_test_is_remembered_for_tensors_of_many_entries():
+    import gc
+
+    from moefy.kernels import layout
+
+    threshold = torch.zeros(6)  # a per-channel (WINA) threshold: asked on every decode step
+    assert layout.is_all_zero(threshold) and layout.is_all_zero(threshold)
+    threshold[2] = 0.5  # an in-place change bumps the version: asked again
+    assert not layout.is_all_zero(threshold) and not layout.is_all_zero(threshold)
+    ident = id(threshold)
+    del threshold
+    gc.collect()
+    assert ident not in layout._all_zero  # forgotten with the tensor

@@ -42,7 +42,16 @@ def test_json_round_trip(config):
 
 
 def test_every_method_has_one_config_and_one_handler():
-    assert set(CONFIG_CLASSES) == {"topk", "teal", "wina", "cats", "chess"}
+    assert set(CONFIG_CLASSES) == {
+        "topk",
+        "teal",
+        "wina",
+        "cats",
+        "chess",
+        "scap",
+        "rotate",
+        "lowrank",
+    }
     assert set(HANDLERS) == set(CONFIG_CLASSES.values())
 
 

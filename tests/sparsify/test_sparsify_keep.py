@@ -27,9 +27,9 @@ def test_keep_outside_the_unit_interval_is_refused(keep):
 
 
 def test_the_sweep_builds_threshold_configs_with_it():
-    from moefy.sweep.methods import _threshold_config
+    from moefy.sweep.methods import threshold_config
 
-    config = _threshold_config("teal", 0.65)
+    config = threshold_config("teal", 0.65)
     assert isinstance(config, TEALConfig) and config.sparsity == 0.35
 
 

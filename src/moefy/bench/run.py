@@ -41,6 +41,9 @@ class BenchConfig(JsonConfig):
         data: built-in text for TEAL's calibration.
         expert_fractions: router budgets of the moefied variants.
         teal_sparsity: TEAL's target share of zeroed inputs.
+        methods: further training-free methods timed beside TEAL at the same target, as
+            method specs (``rotate``, ``scap:attention=true``, see
+            :func:`moefy.sparsify.config.split_method_spec`), each calibrated like TEAL's copy.
         carved_keep: share of the dense FFN FLOPs of the carved variant (0: none).
         compile: time decoding through :class:`moefy.decoding.StaticDecoder` (static cache,
             ``torch.compile``d step, dense and sparse alike) instead of ``generate``.
@@ -61,6 +64,7 @@ class BenchConfig(JsonConfig):
     data: str = "bbc-news"
     expert_fractions: tuple[float, ...] = (0.25, 0.125)
     teal_sparsity: float = 0.5
+    methods: tuple[str, ...] = ()
     carved_keep: float = 0.25
     compile: bool = False
     version: int = BENCH_VERSION
@@ -85,6 +89,11 @@ class BenchConfig(JsonConfig):
             raise MoefyError(f"teal sparsity must be in [0, 1), got {self.teal_sparsity}")
         if not 0.0 <= self.carved_keep <= 1.0:
             raise MoefyError(f"carved keep must be in [0, 1], got {self.carved_keep}")
+        if self.methods:
+            from moefy.sparsify.config import config_from_spec
+
+            for spec in self.methods:
+                config_from_spec(spec, sparsity=max(self.teal_sparsity, 0.5))  # fails early
         self.check_version()
 
     def thread_counts(self) -> tuple[int, ...]:
@@ -178,7 +187,13 @@ def run_bench(config: BenchConfig, *, progress=None) -> dict[str, Any]:
 
 
 def _decode_models(config: BenchConfig, say) -> dict[str, Any]:
-    from moefy.bench.variants import carved_copy, routed_copy, set_fraction, teal_copy
+    from moefy.bench.variants import (
+        carved_copy,
+        routed_copy,
+        set_fraction,
+        sparsified_copy,
+        teal_copy,
+    )
     from moefy.models.load import load_model
 
     say(f"loading {config.model} and building its sparse variants")
@@ -196,6 +211,12 @@ def _decode_models(config: BenchConfig, say) -> dict[str, Any]:
         say(f"calibrating TEAL at {config.teal_sparsity:.0%} on {config.data}")
         models[f"teal@{1 - config.teal_sparsity}"] = teal_copy(
             dense, tokenizer, config.teal_sparsity, config.data
+        )
+    for spec in config.methods:
+        sparsity = config.teal_sparsity or 0.5
+        say(f"calibrating {spec} at {sparsity:.0%} on {config.data}")
+        models[f"{spec}@{1 - sparsity:g}"] = sparsified_copy(
+            dense, tokenizer, spec, sparsity, config.data
         )
     if config.carved_keep > 0:
         say(f"carving at {config.carved_keep:.0%} of the FFN FLOPs on {config.data}")

@@ -72,6 +72,38 @@ def teal_copy(model: nn.Module, tokenizer, sparsity: float, data: str) -> nn.Mod
     return sparse.eval()
 
 
+def sparsified_copy(
+    model: nn.Module, tokenizer, spec: str, sparsity: float, data: str
+) -> nn.Module:
+    """A copy sparsified by any registered training-free method, calibrated as
+    :func:`teal_copy` is (the same text and tokens, one calibration pass).
+
+    Args:
+        model: the dense model.
+        tokenizer: its tokenizer.
+        spec: a method spec, ``rotate`` or ``scap:attention=true``
+            (:func:`moefy.sparsify.config.split_method_spec`).
+        sparsity: the method's target.
+        data: built-in text name for the calibration.
+    """
+    from moefy.data.text import load_text
+    from moefy.sparsify.config import config_from_spec
+
+    sparse = copy.deepcopy(model)
+    config = config_from_spec(spec, sparsity=sparsity)
+    blocks = None
+    if config.needs_calibration:
+        blocks = load_text(data).blocks(
+            tokenizer,
+            split="calibration",
+            block_len=TEAL_BLOCK_LEN,
+            n_tokens=TEAL_CALIBRATION_TOKENS,
+        )
+        config = config.replace(min_calibration_tokens=TEAL_CALIBRATION_TOKENS)
+    sparsify_(sparse, config, blocks)
+    return sparse.eval()
+
+
 def carved_copy(model: nn.Module, tokenizer, keep: float, data: str) -> nn.Module:
     """A carved copy (:func:`moefy.carve.carve_`: 8-neuron experts, 12.5 % shared, lstsq
     router) whose experts per layer are allocated to ``keep`` of the dense FFN FLOPs, routers

@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="smollm2-135m", help="model of the decode table (built-in or folder)"
     )
     parser.add_argument(
+        "--methods",
+        type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()),
+        default=(),
+        help="comma-separated training-free methods timed in the decode table beside TEAL at "
+        "50 %% sparsity, e.g. rotate,scap (METHOD:FIELD=VALUE sets a config field)",
+    )
+    parser.add_argument(
         "--device",
         type=device_spec,
         default="cpu",
@@ -103,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         parts=(args.only,) if args.only else BENCH_PARTS,
         model=args.model,
+        methods=args.methods,
         compile=args.compile,
     )
     with status("benchmarking") as progress:

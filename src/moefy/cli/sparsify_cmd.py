@@ -159,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     from moefy.models.load import is_causal_lm, load_model
     from moefy.sparsify import (
         check_calibration_text,
+        check_method,
         config_from_dict,
         measure,
         measured_sparsity,
@@ -182,6 +183,7 @@ def _run(args: argparse.Namespace) -> int:
                 tokenizer, split="calibration", block_len=args.block_len, n_tokens=args.tokens
             )
         check_calibration_text(config, calibration, option="--tokens")  # before the dense pass
+        check_method(model, config)
         evaluation = text.blocks(
             tokenizer, split="evaluation", block_len=args.block_len, n_tokens=args.eval_tokens
         )

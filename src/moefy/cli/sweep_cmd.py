@@ -17,8 +17,9 @@ HELP = "evaluate many methods at several levels on the same text; write report.h
 
 
 def _method_levels(text: str) -> tuple[str, tuple[float, ...]]:
-    """argparse type: ``METHOD=L1,L2``."""
-    name, sep, levels = text.partition("=")
+    """argparse type: ``METHOD=L1,L2`` (the last ``=``: a method variant has its own,
+    ``teal:attention=true=0.5``)."""
+    name, sep, levels = text.rpartition("=")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected METHOD=LEVEL,LEVEL, got {text!r}")
     return name.strip(), float_list(levels)
@@ -73,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods: dense, the moe-* methods (oracle, routers, dynk), every "
         "method of moefy sparsify --method, and the layer methods; an unknown name lists them "
-        "all (default: dense, moe-oracle and every moefy sparsify method)",
+        "all (default: dense, moe-oracle and every moefy sparsify method); a sparsify method "
+        "with config fields set is METHOD:FIELD=VALUE, e.g. teal:attention=true",
     )
     parser.add_argument(
         "--levels",
@@ -201,6 +203,7 @@ def _table_row(row: dict) -> dict:
         "method": row["method"],
         "level": "" if row["level"] is None else f"{row['level']:g}",
         "FFN FLOPs": pct(row.get("ffn_flops_fraction")),
+        "linear FLOPs": pct(row.get("linear_flops_fraction")),
         "skipped": pct(row.get("measured_sparsity")),
         "perplexity": None if row.get("perplexity") is None else f"{row['perplexity']:.2f}",
         "x dense": None

@@ -258,7 +258,7 @@ def _lm_scores(totals: torch.Tensor) -> LMScores:
 
 def _reduce_cost(cost: Cost | None, device: torch.device) -> Cost:
     """Token-weighted mean of every rank's cost (a rank with no blocks contributes nothing)."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     if cost is not None:
         sums += torch.tensor(
             [
@@ -266,6 +266,7 @@ def _reduce_cost(cost: Cost | None, device: torch.device) -> Cost:
                 cost.other_flops_per_token * cost.tokens,
                 cost.weight_bytes_per_token * cost.tokens,
                 cost.tokens,
+                cost.attention_flops_per_token * cost.tokens,
             ],
             dtype=torch.float64,
             device=device,
@@ -277,4 +278,5 @@ def _reduce_cost(cost: Cost | None, device: torch.device) -> Cost:
         other_flops_per_token=float(sums[1]) / tokens,
         weight_bytes_per_token=float(sums[2]) / tokens,
         tokens=tokens,
+        attention_flops_per_token=float(sums[4]) / tokens,
     )

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from moefy.cost import FLOPS_PER_MULTIPLY_ADD, MeasuredModule, swapped_modules
 
-FFN, OTHER = "ffn", "other"
+FFN, OTHER, ATTENTION = "ffn", "other", "attention"
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,21 @@ class Cost:
         other_flops_per_token: FLOPs of the other linear layers (attention projections, heads).
         weight_bytes_per_token: weight bytes read per token at batch 1 (see module docstring).
         tokens: tokens the figures are averaged over.
+        attention_flops_per_token: the part of ``other_flops_per_token`` spent inside the
+            transformer blocks (the attention projections), so that FFN plus attention are the
+            blocks' linear FLOPs (the embedding and the LM head left out).
     """
 
     ffn_flops_per_token: float
     other_flops_per_token: float
     weight_bytes_per_token: float
     tokens: int
+    attention_flops_per_token: float = 0.0
+
+    @property
+    def block_linear_flops_per_token(self) -> float:
+        """Linear-layer FLOPs inside the transformer blocks: FFN plus attention projections."""
+        return self.ffn_flops_per_token + self.attention_flops_per_token
 
     @property
     def total_flops_per_token(self) -> float:
@@ -76,6 +85,25 @@ def _linear_flops(module: nn.Module, rows: int) -> float:
     )
     bias = out_f if getattr(module, "bias", None) is not None else 0
     return float(rows * (FLOPS_PER_MULTIPLY_ADD * in_f * out_f + bias))
+
+
+def block_paths(model: nn.Module) -> set[str]:
+    """Dotted paths of the transformer blocks of ``model`` (empty for an unregistered
+    architecture)."""
+    from moefy.arch.registry import _resolve_stack, get_spec
+    from moefy.errors import MoefyError
+
+    try:
+        spec = get_spec(model)
+    except MoefyError:
+        return set()
+    paths: set[str] = set()
+    for blocks_path, _ in spec.stacks:
+        resolved = _resolve_stack(model, blocks_path)
+        if resolved is not None:
+            full, blocks = resolved
+            paths.update(f"{full}.{i}" for i in range(len(blocks)))
+    return paths
 
 
 def ffn_part_paths(model: nn.Module) -> tuple[set[str], dict[str, bool]]:
@@ -132,10 +160,10 @@ class CostMeter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.flops = {FFN: 0.0, OTHER: 0.0}
+        self.flops = {FFN: 0.0, OTHER: 0.0, ATTENTION: 0.0}
         self.tokens = 0
         self._handles: list[RemovableHandle] = []
-        self._swapped: list[tuple[MeasuredModule, str]] = []  # (module, category)
+        self._swapped: list[tuple[MeasuredModule, tuple[str, ...]]] = []  # (module, categories)
         parameter = next(model.parameters(), None)
         self.bytes_per_weight = parameter.element_size() if parameter is not None else 4
 
@@ -143,23 +171,32 @@ class CostMeter:
         """Add ``n`` tokens to the per-token denominator."""
         self.tokens += int(n)
 
-    def _hook(self, module: nn.Module, category: str, count) -> None:
+    def _hook(self, module: nn.Module, categories: tuple[str, ...], count) -> None:
         def hook(_mod: nn.Module, _args: Any, output: Any) -> None:
-            self.flops[category] += count(output)
+            flops = count(output)
+            for category in categories:
+                self.flops[category] += flops
 
         self._handles.append(module.register_forward_hook(hook))
 
     def attach(self) -> None:
         """Register the hooks and reset the counters of the swapped modules."""
         prefixes, activations = ffn_part_paths(self.model)
+        blocks = block_paths(self.model)
+
+        def categories(path: str) -> tuple[str, ...]:
+            if _in_ffn(path, prefixes):
+                return (FFN,)
+            return (OTHER, ATTENTION) if _in_ffn(path, blocks) else (OTHER,)
+
         swapped = dict(swapped_modules(self.model))
         for path, module in swapped.items():
             module.reset_counters()
-            self._swapped.append((module, FFN if _in_ffn(path, prefixes) else OTHER))
+            self._swapped.append((module, categories(path)))
         for path, module in self.model.named_modules():
             if _held_by(path, swapped):
                 continue  # counted by the swapped module that holds it
-            category = FFN if _in_ffn(path, prefixes) else OTHER
+            category = categories(path)
             if _is_linear(module):
                 self._hook(module, category, _rows_counter(module))
             elif path in activations:
@@ -178,12 +215,15 @@ class CostMeter:
         if self.tokens <= 0:
             raise MoefyError("no tokens were counted: run the model inside measure_cost first")
         flops = dict(self.flops)
-        for module, category in self._swapped:
-            flops[category] += module.measured_cost().flops
+        for module, categories in self._swapped:
+            spent = module.measured_cost().flops
+            for category in categories:
+                flops[category] += spent
         total = flops[FFN] + flops[OTHER]
         return Cost(
             ffn_flops_per_token=flops[FFN] / self.tokens,
             other_flops_per_token=flops[OTHER] / self.tokens,
+            attention_flops_per_token=flops[ATTENTION] / self.tokens,
             weight_bytes_per_token=total
             / FLOPS_PER_MULTIPLY_ADD
             * self.bytes_per_weight

@@ -49,6 +49,14 @@ class EvalReport:
             return None
         return self.cost.ffn_flops_per_token / self.dense_cost.ffn_flops_per_token
 
+    @property
+    def linear_flops_fraction(self) -> float | None:
+        """Linear FLOPs of the transformer blocks (FFN and attention projections; embedding and
+        LM head left out) spent over the dense model's (needs ``dense_cost``)."""
+        if self.dense_cost is None or self.dense_cost.attention_flops_per_token == 0:
+            return None  # no attention counted (an older cached row): not a linear figure
+        return self.cost.block_linear_flops_per_token / self.dense_cost.block_linear_flops_per_token
+
     def row(self) -> dict[str, Any]:
         """One flat, JSON-ready row: the figures a table or plot needs."""
         row: dict[str, Any] = {
@@ -56,6 +64,7 @@ class EvalReport:
             "total_flops_per_token": self.cost.total_flops_per_token,
             "weight_bytes_per_token": self.cost.weight_bytes_per_token,
             "ffn_flops_fraction": self.ffn_flops_fraction,
+            "linear_flops_fraction": self.linear_flops_fraction,
         }
         if self.lm is not None:
             row.update(

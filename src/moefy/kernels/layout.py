@@ -46,7 +46,9 @@ def _cached(layer: nn.Module, weight: torch.Tensor, view: torch.Tensor) -> torch
     return copy
 
 
-_all_zero: weakref.WeakKeyDictionary[torch.Tensor, tuple[tuple, bool]] = weakref.WeakKeyDictionary()
+# id(tensor) -> (weak reference, version key, answer). Not a WeakKeyDictionary: its lookups
+# compare tensors with ``==``, which is elementwise and raises for a tensor of several entries.
+_all_zero: dict[int, tuple[weakref.ref, tuple, bool]] = {}
 
 
 def is_all_zero(tensor: torch.Tensor) -> bool:
@@ -55,9 +57,11 @@ def is_all_zero(tensor: torch.Tensor) -> bool:
     A calibrated threshold buffer changes rarely but is asked about on every decode step.
     """
     key = _weight_key(tensor)
-    hit = _all_zero.get(tensor)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    hit = _all_zero.get(id(tensor))
+    if hit is not None and hit[0]() is tensor and hit[1] == key:
+        return hit[2]
     answer = not bool(tensor.any())
-    _all_zero[tensor] = (key, answer)
+    ident = id(tensor)
+    forget = weakref.ref(tensor, lambda _ref: _all_zero.pop(ident, None))
+    _all_zero[ident] = (forget, key, answer)
     return answer

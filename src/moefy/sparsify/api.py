@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from moefy.arch import find_ffns
 from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_
 from moefy.errors import MoefyError
-from moefy.sparsify.calibrate import stream
+from moefy.sparsify.calibrate import stream_ffns
 from moefy.sparsify.config import SparsifyConfig
 from moefy.sparsify.methods import Allocation, Calibration, handler_for
 from moefy.sparsify.wrappers import (
@@ -85,6 +84,28 @@ def check_calibration_text(
                 else f"give more text ({option})"
             )
         )
+
+
+def check_method(model: nn.Module, config: SparsifyConfig) -> None:
+    """Refuse a method the model cannot take before any expensive pass: the method's wrappers
+    are installed and taken out again (the model's own modules return), so structural errors
+    (a rank above a layer's, a projection that cannot be rotated, a FFN without a gate) come
+    first. The CLI calls it before the dense evaluation.
+
+    Raises:
+        MoefyError: what ``sparsify_`` would refuse about the model's structure.
+
+    Example:
+        >>> check_method(model, LowRankConfig(rank=10_000))
+        MoefyError: lowrank: rank 10000 exceeds ...
+    """
+    from moefy.arch.spec import set_submodule
+
+    if next(sparse_modules(model), None) is not None:
+        raise MoefyError("the model is sparsified already: call unsparsify(model) first")
+    wrapped = handler_for(config).install(model, config)
+    for path, wrapper in reversed(wrapped):
+        set_submodule(model, path, wrapper.base_layer)
 
 
 def sparsify_(
@@ -330,11 +351,10 @@ def measure(
     was_training = model.training
     model.eval()
     try:
-        stream(
+        stream_ffns(
             model,
             data,
             batch_size,
-            last_module=find_ffns(model)[-1].block,
             desc="measuring",
             progress=progress,
         )

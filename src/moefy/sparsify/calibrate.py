@@ -25,6 +25,7 @@ from torch import nn
 
 from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_, rank_and_world
+from moefy.errors import MoefyError
 from moefy.sparsify.histogram import add_to_histogram_, empty_histogram, histogram_quantile
 from moefy.sparsify.wrappers import SparseModule
 
@@ -64,6 +65,17 @@ def run_model(model: nn.Module, input_ids: torch.Tensor) -> None:
         kwargs["use_cache"] = False
     with contextlib.suppress(_StopForwardError):  # raised by stop_after once it has what it needs
         model(**kwargs)
+
+
+def stream_ffns(
+    model: nn.Module, data: TokenBlocks, batch_size: int, *, desc: str, progress: bool
+) -> None:
+    """:func:`stream` up to the block of the model's last FFN (the LM head is not needed when
+    the statistics come from FFN or attention hooks)."""
+    from moefy.arch import find_ffns
+
+    last = find_ffns(model)[-1].block
+    stream(model, data, batch_size, last_module=last, desc=desc, progress=progress)
 
 
 def stream(
@@ -184,24 +196,44 @@ class BlockPlan:
         unit: the smallest module holding all the block's wrappers (the FFN, or the block).
         wrappers: the block's threshold wrappers.
         indices: their positions in the model-wide wrapper list.
+        block: the transformer block, whose output is the residual stream the search's error is
+            made relative to (``relative=True`` in :func:`greedy_trajectories`).
+        captured: the unit's inputs on the sample, per batch (filled during the search).
+        token_weights: per batch, (B, T) ``1 / ||h||^2`` of the dense residual stream h after
+            the block (filled during a relative search).
     """
 
     layer: int
     unit: nn.Module
     wrappers: list[SparseModule]
     indices: list[int]
+    block: nn.Module | None = None
     captured: list[tuple[tuple, dict]] = field(default_factory=list)
+    token_weights: list[torch.Tensor] = field(default_factory=list)
+
+
+# floor of the squared residual norms a relative error is divided by
+_TINY_NORM = 1e-30
 
 
 @contextlib.contextmanager
-def _capturing(plans: Sequence[BlockPlan]) -> Iterator[None]:
+def _capturing(plans: Sequence[BlockPlan], relative: bool) -> Iterator[None]:
     def _hook(plan: BlockPlan) -> Callable:
         def _capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             plan.captured.append((args, kwargs))
 
         return _capture
 
+    def _residual_hook(plan: BlockPlan) -> Callable:
+        def _capture(_module: nn.Module, _args: tuple, output: object) -> None:
+            h = _first_tensor(output).detach().double()  # (B, T, D)
+            plan.token_weights.append(1.0 / h.square().sum(dim=-1).clamp_min(_TINY_NORM))
+
+        return _capture
+
     handles = [p.unit.register_forward_pre_hook(_hook(p), with_kwargs=True) for p in plans]
+    if relative:
+        handles += [p.block.register_forward_hook(_residual_hook(p)) for p in plans]
     try:
         yield
     finally:
@@ -223,20 +255,38 @@ def _replay(plan: BlockPlan) -> list[torch.Tensor]:
 
 
 def output_error(
-    outputs: Sequence[torch.Tensor], dense: Sequence[torch.Tensor], sink_positions: int
+    outputs: Sequence[torch.Tensor],
+    dense: Sequence[torch.Tensor],
+    sink_positions: int,
+    token_weights: Sequence[torch.Tensor] | None = None,
 ) -> float:
     """Summed squared error of a unit's outputs against the dense ones, leaving out the first
     ``sink_positions`` positions of each (B, T, D) output (all positions of shorter blocks and of
     outputs without a sequence axis count).
+
+    Args:
+        outputs, dense: per batch, the unit's (B, T, D) outputs and the dense ones.
+        sink_positions: leading positions left out.
+        token_weights: per batch, (B, T) weights of each token's squared error (None: 1).
 
     Example:
         >>> output_error([torch.ones(1, 8, 4)], [torch.zeros(1, 8, 4)], sink_positions=4)
         16.0
     """
     total = 0.0
-    for out, ref in zip(outputs, dense, strict=True):
+    weights = [None] * len(outputs) if token_weights is None else token_weights
+    for out, ref, weight in zip(outputs, dense, weights, strict=True):
         skip = sink_positions if out.dim() >= 3 and out.shape[1] > sink_positions else 0
-        total += float(((out[:, skip:].double() - ref[:, skip:].double()) ** 2).sum())
+        squared = (out[:, skip:].double() - ref[:, skip:].double()) ** 2
+        if weight is None:
+            total += float(squared.sum())
+            continue
+        if weight.shape != out.shape[:-1]:
+            raise MoefyError(
+                f"a unit's output {tuple(out.shape)} has no (B, T) token axes matching its "
+                f"block's output {tuple(weight.shape)}: use budget='block' for this model"
+            )
+        total += float((squared.sum(dim=-1) * weight[:, skip:].to(squared.device)).sum())
     return total
 
 
@@ -256,8 +306,9 @@ def greedy_trajectories(
     target: float,
     step: float,
     sink_positions: int = 0,
+    relative: bool = False,
     progress: bool,
-) -> dict[int, torch.Tensor]:
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """TEAL's block-wise greedy search, recorded step by step.
 
     For each block, all its wrappers start dense. Each step tries adding ``step`` to the
@@ -275,37 +326,37 @@ def greedy_trajectories(
         step: sparsity added to one wrapper per step.
         sink_positions: leading positions of each block left out of the error (attention
             sinks: see :class:`moefy.sparsify.config.LayerwiseConfig`).
+        relative: weigh each token's squared error by ``1 / ||h||^2``, h the dense residual
+            stream after the block (``plan.block``'s output): errors comparable across blocks,
+            as the next block sees h through a norm.
         progress: show a progress bar.
 
     Returns:
-        ``{layer: (S + 1, W) shares}``: row 0 is dense, the last row reaches ``target``.
+        ``({layer: (S + 1, W) shares}, {layer: (S + 1,) errors})``: row 0 is dense, the last
+        row reaches ``target``; each error is the block's (summed over ranks) at its row.
     """
     from tqdm.auto import tqdm
 
     rank, world = rank_and_world()
-    with _capturing(plans):
-        stream(
-            model,
-            sample,
-            batch_size,
-            last_module=plans[-1].unit,
-            desc="greedy sample",
-            progress=False,
-        )
+    last = plans[-1].block if relative else plans[-1].unit
+    with _capturing(plans, relative):
+        stream(model, sample, batch_size, last_module=last, desc="greedy sample", progress=False)
     trajectories: dict[int, torch.Tensor] = {}
+    errors: dict[int, torch.Tensor] = {}
     try:
         for plan in tqdm(
             plans, desc="greedy allocation", unit="block", disable=not progress or rank != 0
         ):
-            trajectories[plan.layer] = _greedy_block(
+            trajectories[plan.layer], errors[plan.layer] = _greedy_block(
                 plan, histograms, scales, target, step, sink_positions
             )
     finally:
         for plan in plans:
             plan.captured.clear()
+            plan.token_weights.clear()
             for wrapper in plan.wrappers:
                 wrapper.threshold.zero_()
-    return trajectories
+    return trajectories, errors
 
 
 def _greedy_block(
@@ -315,18 +366,22 @@ def _greedy_block(
     target: float,
     step: float,
     sink_positions: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     weights = torch.tensor([w.scope_weights for w in plan.wrappers], dtype=torch.float64)  # (W,)
+    token_weights = plan.token_weights or None
 
     def _set(j: int, share: float) -> None:
         i = plan.indices[j]
         plan.wrappers[j].threshold.copy_(thresholds_for(histograms[i], scales[i], share)[1])
 
+    def _error() -> float:
+        return output_error(_replay(plan), dense, sink_positions, token_weights)
+
     for j in range(len(plan.wrappers)):
         _set(j, 0.0)
     dense = _replay(plan)
     shares = torch.zeros(len(plan.wrappers), dtype=torch.float64)  # (W,)
-    rows = [shares.clone()]
+    rows, row_errors = [shares.clone()], [0.0]
     current_error = 0.0
     while effective_sparsity(shares, weights) < target - 1e-12:
         increments = (1.0 - shares).clamp(max=step)  # (W,)
@@ -335,18 +390,25 @@ def _greedy_block(
             if increments[j] <= 0:
                 continue
             _set(j, float(shares[j] + increments[j]))
-            errors[j] = output_error(_replay(plan), dense, sink_positions)
+            errors[j] = _error()
             _set(j, float(shares[j]))
         finite = torch.isfinite(errors)
         errors = all_reduce_sum_(torch.where(finite, errors, 0.0)).masked_fill(~finite, math.inf)
         cost = (errors - current_error) / (increments * weights)  # error added per skipped weight
         best = int(torch.argmin(cost))
         gap = (target - effective_sparsity(shares, weights)) * float(weights.sum() / weights[best])
+        cut = gap < float(increments[best])
         shares[best] += min(float(increments[best]), gap)
         _set(best, float(shares[best]))
-        current_error = float(errors[best])
+        # a cut step lands between trials: measure its error (summed over ranks) once more
+        current_error = _reduced(_error()) if cut else float(errors[best])
         rows.append(shares.clone())
-    return torch.stack(rows)  # (S + 1, W)
+        row_errors.append(current_error)
+    return torch.stack(rows), torch.tensor(row_errors, dtype=torch.float64)  # (S + 1, W), (S + 1,)
+
+
+def _reduced(value: float) -> float:
+    return float(all_reduce_sum_(torch.tensor([value], dtype=torch.float64))[0])
 
 
 def shares_at(trajectory: torch.Tensor, weights: torch.Tensor, target: float) -> torch.Tensor:

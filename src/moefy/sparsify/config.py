@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from moefy.errors import MoefyError
 from moefy.jsonconfig import JsonConfig, loads_json
 from moefy.registry import Registry
-from moefy.validate import check_bool, check_fraction, check_int
+from moefy.validate import check_bool, check_choice, check_fraction, check_int
 
 CONFIG_VERSION = 1
 DEFAULT_BATCH_SIZE = 8
@@ -38,6 +38,11 @@ DEFAULT_GREEDY_STEP = 0.05
 # than the rest and would otherwise decide every step.
 DEFAULT_GREEDY_SINK_POSITIONS = 4
 DEFAULT_GREEDY_TOKENS = 256
+# What a centred method subtracts from each input channel before its threshold (SCAP): nothing,
+# or the channel's mode, median or mean on calibration text.
+CENTRES = ("none", "mode", "median", "mean")
+# How a layerwise method spreads its target: see LayerwiseConfig.budget.
+BUDGET_RULES = ("block", "global", "tail")
 BUILTIN_METHODS_PACKAGE = "moefy.sparsify.methods"
 
 
@@ -143,7 +148,6 @@ class SparsifyConfig(JsonConfig):
     """
 
     method: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = False
 
     sparsity: float = 0.5
     version: int = CONFIG_VERSION
@@ -154,6 +158,12 @@ class SparsifyConfig(JsonConfig):
         check_fraction("sparsity", self.sparsity)
         check_int("version", self.version, minimum=1)
         self.check_version()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this config's thresholds (or centres) come from calibration text; a property
+        of the instance, since a setting can decide it (a centred top-k calibrates)."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict, ``method`` first (the key
@@ -200,11 +210,13 @@ class CalibratedConfig(SparsifyConfig):
             model (sparsifying early layers shrinks and shifts the activations of later ones).
     """
 
-    needs_calibration: ClassVar[bool] = True
-
     batch_size: int = DEFAULT_BATCH_SIZE
     min_calibration_tokens: int = DEFAULT_MIN_CALIBRATION_TOKENS
     calibration_passes: int = DEFAULT_CALIBRATION_PASSES
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -230,6 +242,18 @@ class LayerwiseConfig(CalibratedConfig):
             rest; counted, they hold almost all of the summed error and the search optimises for
             them alone (on SmolLM2-135M: 96-97 % of a block's error from position 0). 0 counts
             every position.
+        budget: how the target is spread over blocks. ``block``: each block skips
+            ``sparsity`` of its weights (inside it, the greedy search or one sparsity).
+            ``global``: one FLOPs budget over every sparsified projection of every block: the
+            greedy search runs in each block to full sparsity, recording its error relative to
+            the residual stream after the block, token by token; blocks are then given the
+            sparsity where the least error is added per skipped weight (needs ``greedy``).
+            ``tail``: per projection from its weight's heavy-tail exponent (ActTail: the
+            power-law alpha of the eigenvalues of W^T W; heavier tails skip less), no search.
+            Every rule raises the skipped share to pay for wrappers' ``overhead_weights``.
+        centre: what to subtract from each input channel before its threshold, ``W @ centre``
+            being added back as a bias (SCAP): ``"none"``, or the channel's ``"mode"``,
+            ``"median"`` or ``"mean"`` on the calibration text (sink positions left out).
     """
 
     attention: bool = False
@@ -237,11 +261,25 @@ class LayerwiseConfig(CalibratedConfig):
     greedy_step: float = DEFAULT_GREEDY_STEP
     greedy_tokens: int = DEFAULT_GREEDY_TOKENS
     greedy_sink_positions: int = DEFAULT_GREEDY_SINK_POSITIONS
+    budget: str = "block"
+    centre: str = "none"
+
+    # whether the method's wrappers subtract a centre (rotate and lowrank do not yet)
+    takes_centre: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("attention", "greedy"):
             check_bool(name, getattr(self, name))
+        check_choice("budget", self.budget, BUDGET_RULES)
+        check_choice("centre", self.centre, CENTRES)
+        if self.centre != "none" and not self.takes_centre:
+            raise MoefyError(
+                f"{self.method} does not combine with centring yet: leave centre='none' "
+                "(centre works with teal, wina, scap and topk)"
+            )
+        if self.budget == "global" and not self.greedy:
+            raise MoefyError("budget='global' is allocated by the greedy search: keep greedy on")
         check_fraction("greedy_step", self.greedy_step, zero=False)
         check_int("greedy_tokens", self.greedy_tokens, minimum=1)
         check_int("greedy_sink_positions", self.greedy_sink_positions, minimum=0)
@@ -273,6 +311,48 @@ def config_from_dict(data: dict[str, Any]) -> SparsifyConfig:
         return cls(**fields)
     except TypeError as err:
         raise MoefyError(f"bad {cls.__name__}: {err}") from None
+
+
+SPEC_SEPARATOR = ":"
+
+
+def split_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``teal:attention=true:budget=global`` -> ``("teal", {"attention": True, "budget":
+    "global"})``: a method name with some config fields set (values read as JSON, else as text).
+    The sweep and ``moefy bench`` take methods this way.
+
+    Raises:
+        MoefyError: a part that is not ``FIELD=VALUE``.
+
+    Example:
+        >>> split_method_spec("wina:attention=true")
+        ('wina', {'attention': True})
+    """
+    base, *parts = spec.split(SPEC_SEPARATOR)
+    fields: dict[str, Any] = {}
+    for part in parts:
+        name, sep, text = part.partition("=")
+        if not sep or not name or not text:
+            raise MoefyError(
+                f"{spec!r}: each part after {SPEC_SEPARATOR!r} sets a config field as "
+                f"FIELD=VALUE, got {part!r} (e.g. teal{SPEC_SEPARATOR}attention=true)"
+            )
+        try:
+            fields[name] = json.loads(text)
+        except ValueError:
+            fields[name] = text
+    return base, fields
+
+
+def config_from_spec(spec: str, **fields: Any) -> SparsifyConfig:
+    """The config a method spec (:func:`split_method_spec`) names, with ``fields`` set too.
+
+    Example:
+        >>> config_from_spec("teal:attention=true", sparsity=0.5)
+        TEALConfig(sparsity=0.5, ..., attention=True, ...)
+    """
+    method, given = split_method_spec(spec)
+    return config_from_dict({"method": method, **given, **fields})
 
 
 def config_from_json(text: str) -> SparsifyConfig:

@@ -67,7 +67,12 @@ class SparseModule(nn.Module):
         scope_weights: weight entries per token of the dense computation this wrapper accounts
             for (its own layer's, or the whole FFN's for neuron-level wrappers).
         weights_per_zero: weight entries a kernel skips for each zeroed entry.
+        overhead_weights: multiply-adds per token the wrapper spends beyond its base layer's
+            (an input rotation, a low-rank correction); counted in :meth:`measured_cost`, and
+            added to the budget a calibration spends (0 for the plain wrappers).
     """
+
+    overhead_weights: int = 0
 
     def __init__(
         self,
@@ -111,7 +116,8 @@ class SparseModule(nn.Module):
         """
         tokens = int(self.tokens_seen)
         skipped = int(self.zeros_seen) * self.weights_per_zero
-        flops = self.dense_flops_per_token() * tokens - FLOPS_PER_MULTIPLY_ADD * skipped
+        extra = self.overhead_weights * tokens
+        flops = self.dense_flops_per_token() * tokens - FLOPS_PER_MULTIPLY_ADD * (skipped - extra)
         return ModuleCost(flops=float(flops), weight_bytes=self.kept_weight_bytes(), tokens=tokens)
 
     def _count(self, sparse: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ layer methods a number of layers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,17 +280,26 @@ def _moe_dynamic(context: SweepContext, level: float | None) -> nn.Module:
     return model
 
 
-def _threshold_config(method: str, level: float | None) -> Any:
-    """The sparsify config of a threshold method at a level (its keep)."""
-    from moefy.sparsify.config import config_from_dict, sparsity_for_keep
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``teal:attention=true`` -> ``("teal", {"attention": True})`` (see
+    :func:`moefy.sparsify.config.split_method_spec`)."""
+    from moefy.sparsify.config import split_method_spec
+
+    return split_method_spec(name)
+
+
+def threshold_config(method: str, level: float | None) -> Any:
+    """The sparsify config of a threshold method (or a variant of one, see
+    :func:`split_variant`) at a level (its keep)."""
+    from moefy.sparsify.config import config_from_spec, sparsity_for_keep
 
     keep = _check_share(level, method)
-    return config_from_dict({"method": method, "sparsity": sparsity_for_keep(keep)})
+    return config_from_spec(method, sparsity=sparsity_for_keep(keep))
 
 
 def _threshold_check(method: str) -> Callable[[float | None], None]:
     def check(level: float | None) -> None:
-        _threshold_config(method, level)
+        threshold_config(method, level)
 
     return check
 
@@ -298,7 +308,7 @@ def _threshold(method: str) -> Callable[[SweepContext, float | None], nn.Module]
     def prepare(context: SweepContext, level: float | None) -> nn.Module:
         from moefy.sparsify import sparsify_
 
-        config = _threshold_config(method, level)
+        config = threshold_config(method, level)
         if config.needs_calibration and context.calibration is None:
             raise MoefyError(f"{method} needs calibration text")
         model = context.load_dense()
@@ -436,9 +446,30 @@ def default_method_names() -> list[str]:
 
 
 def get_method(name: str) -> SweepMethod:
-    """The method called ``name``; a one-line error naming a close match and the known ones."""
+    """The method called ``name``; a one-line error naming a close match and the known ones.
+
+    A threshold method with config fields set, ``teal:attention=true``, is a method of its own
+    (its calibration, rows and curve are kept apart from plain ``teal``'s).
+    """
+    from moefy.sparsify.config import SPEC_SEPARATOR
+
     _sync_registered()
-    return METHODS.get(name).value
+    if SPEC_SEPARATOR not in name:
+        return METHODS.get(name).value
+    base = METHODS.get(split_variant(name)[0]).value
+    if base.family != "threshold":
+        raise MoefyError(
+            f"{name!r}: only the training-free (threshold) methods take config fields after "
+            f"{SPEC_SEPARATOR!r}, and {base.name} is a {base.family} method"
+        )
+    threshold_config(name, base.default_levels[0])  # unknown fields and bad values fail now
+    return dataclasses.replace(
+        base,
+        name=name,
+        prepare=_threshold(name),
+        check_level=_threshold_check(name),
+        in_default=False,
+    )
 
 
 def _layer_method(kind: str) -> Callable[[SweepContext, float | None], nn.Module]:

@@ -191,6 +191,7 @@ TABLE_COLUMNS = (
     ("level", "level", ""),
     ("level_meaning", "level is", ""),
     ("ffn_flops_fraction", "FFN FLOPs", "pct"),
+    ("linear_flops_fraction", "block linear FLOPs", "pct"),
     ("measured_sparsity", "weights skipped (measured)", "pct"),
     ("total_flops_per_token", "GFLOPs / token", "g"),
     ("perplexity", "perplexity", ""),

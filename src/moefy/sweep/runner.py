@@ -494,7 +494,7 @@ def _calibration_order(todo: list[tuple[str, float | None]]) -> list[tuple[str, 
 
 
 def _cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
-    return {
+    fields = {
         k: cost[k]
         for k in (
             "ffn_flops_per_token",
@@ -503,6 +503,9 @@ def _cost_fields(cost: dict[str, Any]) -> dict[str, Any]:
             "tokens",
         )
     }
+    # rows cached by an older moefy lack it: the linear_flops_fraction is then left out
+    fields["attention_flops_per_token"] = cost.get("attention_flops_per_token", 0.0)
+    return fields
 
 
 def _record(
@@ -523,7 +526,7 @@ def _record(
         "seconds": report.seconds + prepare_seconds,
     }
     if method == DENSE:
-        row["ffn_flops_fraction"] = 1.0
+        row["ffn_flops_fraction"] = row["linear_flops_fraction"] = 1.0
     return {"row": row, "report": report.to_dict()}
 
 
@@ -614,10 +617,11 @@ def _json_type(value: Any) -> str:
 
 def _check_calibration_text(todo: list[tuple[str, float | None]], calibration: Any) -> None:
     """Refuse too little calibration text for any threshold method still to run."""
-    from moefy.sparsify import check_calibration_text, config_from_dict
+    from moefy.sparsify import check_calibration_text
+    from moefy.sweep.methods import threshold_config
 
     for method in sorted({m for m, _ in todo if get_method(m).family == "threshold"}):
-        config = config_from_dict({"method": method, "sparsity": 0.5})
+        config = threshold_config(method, 0.5)
         check_calibration_text(
             config, calibration, option="--calibration-tokens; calibration_tokens= in Python"
         )

@@ -47,8 +47,13 @@ class Calibration:
         histograms: (H,) criterion histogram per wrapper path.
         channel_scales: (C,) criterion weight per channel, per wrapper path (absent: 1).
         trajectories: greedy (S + 1, W) shares per block index (empty without greedy).
+        trajectory_errors: (S + 1,) block error at each trajectory row, per block index
+            (relative to the residual stream with ``budget="global"``).
         greedy_reach: the highest block sparsity the trajectories reach.
         n_tokens: calibration tokens streamed.
+        buffers: what :meth:`_ThresholdHandler.prepare` fitted before the thresholds (rotations,
+            centres, low-rank factors): wrapper path -> buffer name -> tensor, set again on
+            another copy of the model when the calibration is reused.
     """
 
     method: str
@@ -57,8 +62,10 @@ class Calibration:
     histograms: dict[str, torch.Tensor]
     channel_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     trajectories: dict[int, torch.Tensor] = field(default_factory=dict)
+    trajectory_errors: dict[int, torch.Tensor] = field(default_factory=dict)
     greedy_reach: float = 0.0
     n_tokens: int = 0
+    buffers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,18 @@ def _settings(config: SparsifyConfig) -> dict:
     return settings
 
 
+def load_buffers(wrapped: Wrapped, buffers: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy fitted buffers (``path -> {name: tensor}``, from :meth:`_ThresholdHandler.prepare`)
+    into the wrappers at those paths."""
+    import torch
+
+    by_path = dict(wrapped)
+    with torch.no_grad():
+        for path, named in buffers.items():
+            for name, tensor in named.items():
+                getattr(by_path[path], name).copy_(tensor)
+
+
 def _check_reuse(
     calibration: Calibration, config: CalibratedConfig, paths: tuple[str, ...]
 ) -> None:
@@ -168,6 +187,22 @@ class _ThresholdHandler(MethodHandler):
     """Shared calibration of the threshold methods: histogram of a criterion, then quantiles."""
 
     per_channel = False
+
+    def prepare(
+        self,
+        model: nn.Module,
+        wrapped: Wrapped,
+        config: SparsifyConfig,
+        data: TokenBlocks,
+        progress: bool,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Fit what the wrappers need before their thresholds are calibrated (a rotation, a
+        centre, low-rank factors), set it in the wrappers' buffers and return it as
+        ``path -> {buffer name: tensor}``, so that a reused :class:`Calibration` sets the same
+        buffers on another copy of the model (:func:`load_buffers`). The histograms that follow
+        read the wrappers with these buffers in place. Default: nothing to fit.
+        """
+        return {}
 
     def channel_scales(
         self,
@@ -192,6 +227,7 @@ class _ThresholdHandler(MethodHandler):
         paths = tuple(path for path, _ in wrapped)
         if calibration is not None:
             _check_reuse(calibration, config, paths)
+            load_buffers(wrapped, calibration.buffers)
         else:
             calibration = self._first_pass(model, wrapped, config, data, progress)
         shares = self.allocate(model, wrapped, config, data, calibration, progress)
@@ -216,9 +252,11 @@ class _ThresholdHandler(MethodHandler):
                 "calibration from an earlier report)"
             )
         paths = tuple(path for path, _ in wrapped)
+        buffers = self.prepare(model, wrapped, config, data, progress)
         scales = self.channel_scales(model, wrapped, config, data, progress)
         histograms = _histograms(model, wrapped, scales, config, data, progress)
         return Calibration(
+            buffers=buffers,
             method=config.method,
             settings=_settings(config),
             paths=paths,
@@ -327,17 +365,18 @@ class _LayerwiseHandler(_ThresholdHandler):
 
     def install(self, model: nn.Module, config: SparsifyConfig) -> Wrapped:
         from moefy.arch import find_ffns
-        from moefy.sparsify.wrappers import ThresholdLinear
+        from moefy.sparsify.centring import threshold_wrapper_class
 
         assert isinstance(config, LayerwiseConfig)
+        wrapper_cls = threshold_wrapper_class(config.centre)  # centred (SCAP) or plain
         wrapped: Wrapped = []
         names = {id(module): name for name, module in model.named_modules()}
         for site in find_ffns(model):
             if config.attention:
-                self._install_attention(model, site, names[id(site.block)], wrapped)
+                self._install_attention(model, site, names[id(site.block)], wrapped, wrapper_cls)
             parts = ["gate"] if site.spec.gate is not None else []
             for part in [*parts, "up", "down"]:
-                wrapper = ThresholdLinear(
+                wrapper = wrapper_cls(
                     site.part(part),
                     layer=site.index,
                     role=getattr(site.spec, part),
@@ -346,11 +385,24 @@ class _LayerwiseHandler(_ThresholdHandler):
                 swap(model, site.module_path(part), wrapper, wrapped)
         return wrapped
 
+    def prepare(self, model, wrapped, config, data, progress):
+        """The per-channel centres of a centred config (``centre != "none"``), else nothing."""
+        from moefy.sparsify.centring import centre_wrappers
+
+        return centre_wrappers(model, wrapped, config, data, progress)
+
     def _install_attention(
-        self, model: nn.Module, site: FFNSite, block_path: str, wrapped: Wrapped
+        self,
+        model: nn.Module,
+        site: FFNSite,
+        block_path: str,
+        wrapped: Wrapped,
+        wrapper_cls: type | None = None,
     ) -> None:
         from moefy.arch import attention_projection_paths, model_type_of
         from moefy.sparsify.wrappers import ThresholdLinear
+
+        wrapper_cls = wrapper_cls or ThresholdLinear
 
         for relative in attention_projection_paths(model, site.block):
             path = f"{block_path}.{relative}"
@@ -361,31 +413,34 @@ class _LayerwiseHandler(_ThresholdHandler):
                     f"{model_type_of(model)}: no attention projection at {path}; fix its "
                     "entry with moefy.arch.register_attention_projections"
                 ) from None
-            wrapper = ThresholdLinear(
+            wrapper = wrapper_cls(
                 base, layer=site.index, role=relative, per_channel=self.per_channel
             )
             swap(model, path, wrapper, wrapped)
 
     def allocate(self, model, wrapped, config, data, calibration, progress):
-        import torch
-
-        from moefy.sparsify import calibrate as cal
+        from moefy.sparsify import budget
 
         assert isinstance(config, LayerwiseConfig)
-        if not config.greedy or config.sparsity == 0.0:
+        if config.sparsity == 0.0:  # dense: thresholds that remove only exact zeros
             return super().allocate(model, wrapped, config, data, calibration, progress)
+        if config.budget == "tail":
+            return budget.tail_shares([w for _, w in wrapped], config.sparsity)
         plans = _block_plans(model, wrapped)
-        if calibration.greedy_reach < config.sparsity - 1e-12:
-            _extend_greedy(model, wrapped, plans, config, data, calibration, progress)
-        shares = [0.0] * len(wrapped)
-        for plan in plans:
-            weights = torch.tensor([w.scope_weights for w in plan.wrappers], dtype=torch.float64)
-            block_shares = cal.shares_at(
-                calibration.trajectories[plan.layer], weights, config.sparsity
+        if not config.greedy:
+            return budget.uniform_shares(plans, len(wrapped), config.sparsity)
+        reach = budget.greedy_reach_needed(plans, config.sparsity, config.budget)
+        if calibration.greedy_reach < reach - 1e-12:
+            _extend_greedy(model, wrapped, plans, config, data, calibration, reach, progress)
+        if config.budget == "global":
+            return budget.global_shares(
+                plans,
+                len(wrapped),
+                calibration.trajectories,
+                calibration.trajectory_errors,
+                config.sparsity,
             )
-            for index, share in zip(plan.indices, block_shares.tolist(), strict=True):
-                shares[index] = share
-        return shares
+        return budget.block_shares(plans, len(wrapped), calibration.trajectories, config.sparsity)
 
 
 def _extend_greedy(
@@ -395,34 +450,36 @@ def _extend_greedy(
     config: LayerwiseConfig,
     data: TokenBlocks | None,
     calibration: Calibration,
+    reach: float,
     progress: bool,
 ) -> None:
-    """Run the greedy search up to ``config.sparsity`` and keep its trajectories."""
+    """Run the greedy search up to block sparsity ``reach`` and keep its trajectories."""
     from moefy.data.blocks import TokenBlocks
     from moefy.sparsify import calibrate as cal
 
     if data is None:
         raise MoefyError(
             f"the calibration's greedy search reaches {calibration.greedy_reach:.3f}, "
-            f"below the target {config.sparsity}: pass data to extend it"
+            f"below the {reach:.3f} the target {config.sparsity} needs: pass data to extend it"
         )
     histograms = [calibration.histograms[p] for p, _ in wrapped]
     scales = [calibration.channel_scales.get(p) for p, _ in wrapped]
     n_blocks = min(data.num_blocks, max(1, math.ceil(config.greedy_tokens / data.block_len)))
     sample = TokenBlocks(data.input_ids[:n_blocks], data.source, data.split)
-    calibration.trajectories = cal.greedy_trajectories(
+    calibration.trajectories, calibration.trajectory_errors = cal.greedy_trajectories(
         model,
         plans,
         histograms,
         scales,
         sample,
         config.batch_size,
-        target=config.sparsity,
+        target=reach,
         step=config.greedy_step,
         sink_positions=config.greedy_sink_positions,
+        relative=config.budget == "global",
         progress=progress,
     )
-    calibration.greedy_reach = config.sparsity
+    calibration.greedy_reach = reach
 
 
 def _block_plans(model: nn.Module, wrapped: Wrapped) -> list[BlockPlan]:
@@ -446,6 +503,7 @@ def _block_plans(model: nn.Module, wrapped: Wrapped) -> list[BlockPlan]:
                 unit=site.module if inside_ffn else site.block,
                 wrappers=[wrapped[i][1] for i in indices],
                 indices=indices,
+                block=site.block,
             )
         )
     return plans

@@ -53,11 +53,10 @@ class CHESSHandler(CATSHandler):
                 site = sites[wrapper.layer]
                 hook = _accumulate_up(sums[i], site.spec.fused_gate_up)
                 handles.append(site.part("up").register_forward_hook(hook))
-            cal.stream(
+            cal.stream_ffns(
                 model,
                 data,
                 config.batch_size,
-                last_module=find_ffns(model)[-1].block,
                 desc="up statistics",
                 progress=progress,
             )

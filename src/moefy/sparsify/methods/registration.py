@@ -20,7 +20,13 @@ from typing import Any
 from moefy.errors import MoefyError
 from moefy.jsonconfig import is_number
 from moefy.registry import Entry
-from moefy.sparsify.config import SPARSIFY_METHODS, SparsifyConfig, positive_int
+from moefy.sparsify.config import (
+    BUDGET_RULES,
+    CENTRES,
+    SPARSIFY_METHODS,
+    SparsifyConfig,
+    positive_int,
+)
 from moefy.sparsify.methods.base import MethodHandler
 
 # keeps (shares of the FFN kept) a sweep evaluates when the user gives no levels
@@ -71,8 +77,54 @@ NO_GREEDY = MethodOption(
     "block",
     value=False,
 )
+RANK = MethodOption(
+    "--rank",
+    "rank",
+    "singular directions of each weight that carry the dropped inputs (a count, at most "
+    "min(in, out) of every layer)",
+    parse=positive_int,
+)
+
+
+def choice_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A :attr:`MethodOption.parse` that takes one of ``choices`` (a ValueError naming them
+    otherwise).
+
+    Example:
+        >>> choice_of(("a", "b"))("b")
+        'b'
+    """
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+centre_choice = choice_of(CENTRES)  # parses --centre
+budget_choice = choice_of(BUDGET_RULES)  # parses --budget
+
+
+CENTRE = MethodOption(
+    "--centre",
+    "centre",
+    "subtract each input channel's calibrated mode, median or mean before sparsifying and add "
+    "W @ centre back as a bias (SCAP); none: plain magnitudes",
+    parse=centre_choice,
+)
+
+
+BUDGET = MethodOption(
+    "--budget",
+    "budget",
+    "how the target is spread: block (each block at the target), global (one budget over "
+    "all blocks, by measured error) or tail (by each weight's heavy-tail exponent, no search)",
+    parse=budget_choice,
+)
 CALIBRATED_OPTIONS = (CALIBRATION_PASSES,)
-LAYERWISE_OPTIONS = (ATTENTION, NO_GREEDY)
+LAYERWISE_OPTIONS = (ATTENTION, NO_GREEDY, BUDGET)
 
 
 def register_sparsify_method(

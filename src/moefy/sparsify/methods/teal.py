@@ -13,6 +13,7 @@ from moefy.sparsify.config import LayerwiseConfig
 from moefy.sparsify.methods.base import _LayerwiseHandler
 from moefy.sparsify.methods.registration import (
     CALIBRATED_OPTIONS,
+    CENTRE,
     LAYERWISE_OPTIONS,
     register_sparsify_method,
 )
@@ -41,5 +42,5 @@ register_sparsify_method(
     config_cls=TEALConfig,
     handler=TEALHandler(),
     help="|x| thresholds on the inputs of every FFN (and attention) linear layer",
-    cli_options=(*CALIBRATED_OPTIONS, *LAYERWISE_OPTIONS),
+    cli_options=(*CALIBRATED_OPTIONS, *LAYERWISE_OPTIONS, CENTRE),
 )

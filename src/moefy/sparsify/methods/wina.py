@@ -13,6 +13,7 @@ from moefy.sparsify.config import LayerwiseConfig
 from moefy.sparsify.methods.base import _LayerwiseHandler
 from moefy.sparsify.methods.registration import (
     CALIBRATED_OPTIONS,
+    CENTRE,
     LAYERWISE_OPTIONS,
     register_sparsify_method,
 )
@@ -48,5 +49,5 @@ register_sparsify_method(
     config_cls=WINAConfig,
     handler=WINAHandler(),
     help="|x_i| * ||W[:, i]|| thresholds on the inputs of every linear layer",
-    cli_options=(*CALIBRATED_OPTIONS, *LAYERWISE_OPTIONS),
+    cli_options=(*CALIBRATED_OPTIONS, *LAYERWISE_OPTIONS, CENTRE),
 )
