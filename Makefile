@@ -32,7 +32,8 @@ $(STAMP): pyproject.toml requirements/pinned.txt requirements/data.txt requireme
 # scored on 2,048 evaluation tokens (1,024 compared with dense) with thresholds calibrated and
 # carved experts allocated on 2,048 tokens. Levels are the kept share of the FFN: experts at
 # 50 / 25 %, thresholds at 25 / 40 / 50 / 65 % target sparsity (and TEAL and WINA also at 75 %),
-# dynamic k at tau 0.9 / 0.8. Raise them, e.g.
+# the best training-free method (SCAP centring with one global budget) at 50 / 65 %, dynamic k at
+# tau 0.9 / 0.8. Raise them, e.g.
 # make demo DEMO_EVAL_TOKENS=8192 DEMO_LEVELS=0.5,0.25,0.125.
 DEMO_PROFILE_TOKENS ?= 8192
 DEMO_ROUTER_TOKENS ?= 4096
@@ -40,13 +41,14 @@ DEMO_CARVE_TOKENS ?= 4096
 DEMO_EVAL_TOKENS ?= 2048
 DEMO_AGREEMENT_TOKENS ?= 1024
 DEMO_CALIBRATION_TOKENS ?= 2048
-DEMO_METHODS ?= dense,moe-oracle,moe-mlp,moe-dynk,moe-carved,moe-carved-oracle,teal,cats,chess,wina,topk
+DEMO_METHODS ?= dense,moe-oracle,moe-mlp,moe-dynk,moe-carved,moe-carved-oracle,teal,cats,chess,wina,topk,scap:budget=global
 DEMO_LEVELS ?= 0.5,0.25
 DEMO_SPARSIFY_LEVELS ?= 0.75,0.6,0.5,0.35
 DEMO_TASKS ?= perplexity,agreement
 DEMO_LEVEL_ARGS = --level moe-dynk=0.9,0.8 \
 	$(foreach m,cats chess topk,--level $(m)=$(DEMO_SPARSIFY_LEVELS)) \
-	$(foreach m,teal wina,--level $(m)=$(DEMO_SPARSIFY_LEVELS),0.25)
+	$(foreach m,teal wina,--level $(m)=$(DEMO_SPARSIFY_LEVELS),0.25) \
+	--level scap:budget=global=0.5,0.35
 MOEFY := $(VENV)/bin/moefy
 
 demo: $(STAMP)
