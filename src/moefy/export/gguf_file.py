@@ -7,7 +7,7 @@ GGUF stores each tensor with its dimensions reversed (ggml's ``ne``): a numpy (E
 is llama.cpp's ``{D, S, E_r}``, the layout its ``ffn_gate_exps`` / ``ffn_up_exps`` expect, and
 (E_r, D, S) is ``ffn_down_exps``' ``{S, D, E_r}``. Tensors:
 
-    token_embd, output (absent when tied), output_norm,
+    token_embd, output (written even when tied: llama.cpp requires it), output_norm,
     blk.N.attn_{norm,q,k,v,output}, attn_{q,k,v}.bias, ffn_norm,
     blk.N.ffn_gate_inp (E_r, D)      the router, always F32 (its logits are tiny on purpose)
     blk.N.ffn_{gate,up,down}_exps    the routed experts
@@ -108,8 +108,8 @@ def _gguf_tensors(model: nn.Module):
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2MOE, config.num_hidden_layers)
     for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
+        # lm_head is written even when tied: llama.cpp's qwen2moe loader requires output.weight
+        # ("check_tensor_dims: tensor 'output.weight' not found" without it, llama-cpp 0.3.36)
         array = tensor.detach().float().cpu().numpy()
         experts = _EXPERTS.match(key)
         if experts:
