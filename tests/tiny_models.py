@@ -187,3 +187,21 @@ def grow_first_tensor(header) -> None:
     """A :func:`rewrite_safetensors_header` change: the first tensor claims twice its shape."""
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [dim * 2 for dim in header[name]["shape"]]
+
+
+def tiny_sweep_setting(root, seed: int = 0):
+    """A tiny llama folder and a ``text.jsonl`` of 300 documents of 60 random :data:`WORDS`
+    (``random.Random(seed)``) under ``root``: the sweep tests' model and text."""
+    import json
+    import random
+
+    model = save_tiny_hf_folder(root / "model")
+    rng = random.Random(seed)
+    text = root / "text.jsonl"
+    text.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n"
+            for _ in range(300)
+        )
+    )
+    return model, text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
 
 import pytest
@@ -14,7 +13,7 @@ from moefy.cli.main import main
 from moefy.errors import MoefyError
 from moefy.eval import EvalConfig
 from moefy.sweep import SweepConfig, sweep
-from tiny_models import WORDS, save_tiny_hf_folder
+from tiny_models import tiny_sweep_setting
 
 METHODS = ("dense", "moe-oracle", "topk", "teal")
 LEVELS = (0.5, 0.25)
@@ -23,17 +22,7 @@ LEVELS = (0.5, 0.25)
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     """A tiny llama folder and a text of documents made of its tokenizer's words."""
-    root = tmp_path_factory.mktemp("sweep")
-    model = save_tiny_hf_folder(root / "model")
-    rng = random.Random(0)
-    text = root / "text.jsonl"
-    text.write_text(
-        "".join(
-            json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n"
-            for _ in range(300)
-        )
-    )
-    return model, text
+    return tiny_sweep_setting(tmp_path_factory.mktemp("sweep"), seed=0)
 
 
 def _config(model, text, methods=METHODS) -> SweepConfig:

@@ -3,16 +3,13 @@ allocated per layer to the level's share of the FFN FLOPs, its oracle beside it.
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 
 from moefy.cli.main import main
 from moefy.errors import MoefyError
 from moefy.eval import EvalConfig
 from moefy.sweep import SweepConfig, sweep
-from tiny_models import WORDS, save_tiny_hf_folder
+from tiny_models import tiny_sweep_setting
 
 METHODS = ("dense", "moe-carved", "moe-carved-oracle")
 LEVELS = (0.75, 0.5)
@@ -20,17 +17,7 @@ LEVELS = (0.75, 0.5)
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep-carved")
-    model = save_tiny_hf_folder(root / "model")
-    rng = random.Random(1)
-    text = root / "text.jsonl"
-    text.write_text(
-        "".join(
-            json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n"
-            for _ in range(300)
-        )
-    )
-    return model, text
+    return tiny_sweep_setting(tmp_path_factory.mktemp("sweep-carved"), seed=1)
 
 
 def _config(model, text, **changes) -> SweepConfig:

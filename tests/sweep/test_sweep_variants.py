@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -12,22 +11,12 @@ from moefy.errors import MoefyError
 from moefy.eval import EvalConfig
 from moefy.sweep import SweepConfig, sweep
 from moefy.sweep.methods import get_method, split_variant
-from tiny_models import WORDS, save_tiny_hf_folder
+from tiny_models import tiny_sweep_setting
 
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
-    root = tmp_path_factory.mktemp("variants")
-    model = save_tiny_hf_folder(root / "model")
-    rng = random.Random(1)
-    text = root / "text.jsonl"
-    text.write_text(
-        "".join(
-            json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n"
-            for _ in range(300)
-        )
-    )
-    return model, text
+    return tiny_sweep_setting(tmp_path_factory.mktemp("variants"), seed=1)
 
 
 def test_split_variant_reads_json_values_and_text():
