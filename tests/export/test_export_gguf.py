@@ -48,3 +48,26 @@ def test_gguf_needs_a_bpe_tokenizer_and_writes_nothing_without_one(tmp_path) -> 
     with pytest.raises(MoefyError, match="tokenizer"):
         moefy.export(carved(), tmp_path / "m.gguf", format="gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_shared_gate_is_nonzero_and_still_exactly_one_half(tmp_path) -> None:
+    """llama.cpp computes the shared gate's sigmoid as silu(z) / z: a zero gate would be NaN."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+
+    from moefy.export.gguf_file import SHARED_GATE_WEIGHT
+
+    model = carved()
+    path = tmp_path / "moe.gguf"
+    moefy.export(model, path, format="gguf", tokenizer=bpe_tokenizer(), data=blocks(seed=4))
+    gates = [t for t in GGUFReader(path).tensors if t.name.endswith("ffn_gate_inp_shexp.weight")]
+    assert gates
+    for gate in gates:
+        weight = np.asarray(gate.data, dtype=np.float32)
+        assert (weight == np.float32(SHARED_GATE_WEIGHT)).all()
+    # the gate logit of a normalised hidden state (|sum| ~ 1e3 at most) leaves sigmoid at 0.5,
+    # and llama.cpp's silu(z) / z form is defined and equal to it
+    z = torch.tensor([SHARED_GATE_WEIGHT * s for s in (1e3, -1e3, 1.0, -1e-6)], dtype=torch.float32)
+    assert (torch.sigmoid(z) == 0.5).all()
+    assert (torch.nn.functional.silu(z) / z == 0.5).all()

@@ -12,11 +12,18 @@ is llama.cpp's ``{D, S, E_r}``, the layout its ``ffn_gate_exps`` / ``ffn_up_exps
     blk.N.ffn_gate_inp (E_r, D)      the router, always F32 (its logits are tiny on purpose)
     blk.N.ffn_{gate,up,down}_exps    the routed experts
     blk.N.ffn_{gate,up,down}_shexp   the shared expert
-    blk.N.ffn_gate_inp_shexp (D,)    the shared expert's gate (zeros), F32
+    blk.N.ffn_gate_inp_shexp (D,)    the shared expert's gate, F32: SHARED_GATE_WEIGHT everywhere
+                                     where the folder has zeros (see below)
 
 Norms, biases and the routers stay F32 whatever the file type, as llama.cpp's own converter
 keeps them; ``q8_0`` quantises the 2-D and 3-D weights whose rows are a multiple of 32 and
 keeps the others in F16 (the converter's fallback too).
+
+llama.cpp computes the shared expert's sigmoid as ``silu(z) / z`` (``qwen2moe.cpp``), which is
+0/0 = NaN for the exact zero logit that the folder's zero gate gives. The file therefore carries
+a gate of SHARED_GATE_WEIGHT on every channel: ``z = 2**-64 * sum(x)`` is far below float32's
+resolution around 0.5, so ``sigmoid(z)`` and ``silu(z) / z`` are both exactly 0.5 unless the
+normalised input sums to exactly zero.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ GGUF_ARCH = "qwen2moe"
 # file type name -> (ggml type of the big weights, llama.cpp's general.file_type)
 GGUF_TYPES = {"fp32": ("F32", 0), "fp16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
 _F32_ALWAYS = re.compile(r"(_norm|\.bias|ffn_gate_inp|ffn_gate_inp_shexp)(\.weight)?$")
+# the shared gate's constant weight in a GGUF file: nonzero, so llama.cpp's silu(z) / z is defined
+SHARED_GATE_WEIGHT = 2.0**-64
 _EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # ggml token types (llama.cpp's llama_token_type)
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5
@@ -127,6 +136,8 @@ def _gguf_tensors(model: nn.Module):
             raise MoefyError(f"{key} has no llama.cpp qwen2moe name")
         if mapped.endswith("ffn_gate_inp_shexp"):
             array = array.reshape(-1)  # (1, D) -> llama.cpp's {D}
+            if not array.any():  # zero gate: llama.cpp's silu(z) / z would be NaN
+                array = np.full_like(array, SHARED_GATE_WEIGHT)
         yield f"{mapped}.{suffix}", array
 
 
