@@ -17,12 +17,20 @@ from moefy.sparsify import (
     config_from_dict,
     config_from_json,
 )
+from moefy.sparsify.centring import CentredThresholdLinear
 from moefy.sparsify.histogram import (
+    BINS_PER_OCTAVE,
+    LOG2_HIGH,
+    LOG2_LOW,
+    NUM_BINS,
     add_to_histogram_,
+    bin_indices,
     empty_histogram,
     histogram_quantile,
     histogram_share_at_or_below,
 )
+from moefy.sparsify.lowrank import LowRankLinear
+from moefy.sparsify.wrappers import ThresholdActivation, ThresholdLinear, TopKLinear
 
 ALL_CONFIGS = [
     TopKConfig(sparsity=0.3),
@@ -95,6 +103,32 @@ def test_histogram_quantiles_match_exact_quantiles():
     assert histogram_quantile(counts, 0.004) == 0.0  # inside the zeros: keep every non-zero entry
 
 
+def test_histogram_bins_from_bits_match_the_octave_definition():
+    """The bit-shift binning equals 1 + (octave - LOG2_LOW) * parts + floor(part) in float64."""
+    import math
+
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.cat(
+        [
+            torch.exp(torch.empty(50_000).uniform_(-25, 12, generator=gen)),
+            torch.tensor([0.0, 2.0**LOG2_LOW, 2.0**LOG2_HIGH, 1.0, 1.5, float("inf")]),
+            torch.tensor([2.0 ** (LOG2_LOW - 1), 2.0**LOG2_HIGH * 0.999]),
+        ]
+    )
+    expected = []
+    for value in scores.double().tolist():
+        if value < 2.0**LOG2_LOW:
+            expected.append(0)
+        elif value >= 2.0**LOG2_HIGH:
+            expected.append(NUM_BINS - 1)
+        else:
+            mantissa, exponent = math.frexp(value)
+            part = math.floor((2 * mantissa - 1) * BINS_PER_OCTAVE)
+            expected.append(1 + (exponent - 1 - LOG2_LOW) * BINS_PER_OCTAVE + part)
+    assert bin_indices(scores).tolist() == expected
+    assert bin_indices(torch.tensor([float("nan")])).tolist() == [NUM_BINS - 1]
+
+
 def test_histograms_add_up_over_batches():
     gen = torch.Generator().manual_seed(1)
     scores = torch.rand(10_000, generator=gen)
@@ -103,3 +137,25 @@ def test_histograms_add_up_over_batches():
     for chunk in scores.split(999):
         add_to_histogram_(parts, chunk)
     assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda base: ThresholdLinear(base, layer=0, role="down_proj", per_channel=True),
+        lambda base: TopKLinear(base, layer=0, role="down_proj", k=4),
+        lambda base: ThresholdActivation(
+            base, layer=0, role="act_fn", d_model=8, d_ff=16, per_channel=True
+        ),
+        lambda base: CentredThresholdLinear(base, layer=0, role="down_proj"),
+        lambda base: LowRankLinear(base, layer=0, role="down_proj", rank=2),
+    ],
+    ids=["threshold", "topk", "activation", "centred", "lowrank"],
+)
+def test_wrapper_buffers_live_on_the_wrapped_layers_device(make):
+    # a model already on the GPU gets wrappers whose thresholds and counters are there too
+    # (the meta device stands in for it: the CPU default would show up as "cpu")
+    base = torch.nn.Linear(16, 8, device="meta")
+    wrapper = make(base)
+    devices = {name: buffer.device.type for name, buffer in wrapper.named_buffers()}
+    assert devices and set(devices.values()) == {"meta"}, devices

@@ -26,6 +26,7 @@ from moefy.sparsify.config import SparsifyConfig
 from moefy.sparsify.methods import Allocation, Calibration, handler_for
 from moefy.sparsify.wrappers import (
     SPARSIFY_CONFIG_ATTR,
+    counters_paused,
     reset_counters,
     sparse_modules,
     unsparsify,
@@ -159,9 +160,10 @@ def sparsify_(
     model.eval()
     wrapped = handler.install(model, config)
     try:
-        allocations, calibration_out = handler.calibrate(
-            model, wrapped, config, data, calibration, progress
-        )
+        with counters_paused():  # reset below: counting would only slow the passes down
+            allocations, calibration_out = handler.calibrate(
+                model, wrapped, config, data, calibration, progress
+            )
     except BaseException:
         unsparsify(model)
         raise

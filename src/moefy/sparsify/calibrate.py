@@ -27,7 +27,7 @@ from moefy.data.blocks import TokenBlocks
 from moefy.dist import all_reduce_sum_, rank_and_world
 from moefy.errors import MoefyError
 from moefy.sparsify.histogram import add_to_histogram_, empty_histogram, histogram_quantile
-from moefy.sparsify.wrappers import SparseModule
+from moefy.sparsify.wrappers import SparseModule, counters_paused
 
 
 class _StopForwardError(Exception):
@@ -152,14 +152,27 @@ def collect_histograms(
     histograms = [empty_histogram(device) for _ in wrappers]
     scales = [None if s is None else s.to(device) for s in scales]
 
+    # wrappers reading one tensor with one scale (gate and up, q, k and v) count it once
+    last: list = [None, None, None]  # [values, scale, (H,) counts]
+
     def _callback(i: int) -> Callable[[torch.Tensor], None]:
-        return lambda values: add_to_histogram_(histograms[i], _score(values, scales[i]))
+        def _add(values: torch.Tensor) -> None:
+            if last[0] is not values or last[1] is not scales[i]:
+                last[:] = (
+                    values,
+                    scales[i],
+                    add_to_histogram_(empty_histogram(device), _score(values, scales[i])),
+                )
+            histograms[i] += last[2]
+
+        return _add
 
     callbacks = [_callback(i) for i in range(len(wrappers))]
     with observing(wrappers, callbacks):
         stream(
             model, data, batch_size, last_module=last_module, desc="calibrating", progress=progress
         )
+    last.clear()
     stacked = all_reduce_sum_(torch.stack(histograms))  # (W, H)
     return list(stacked.unbind(0))
 
@@ -250,7 +263,7 @@ def _first_tensor(output: object) -> torch.Tensor:
 
 
 def _replay(plan: BlockPlan) -> list[torch.Tensor]:
-    with torch.no_grad():
+    with torch.no_grad(), counters_paused():
         return [_first_tensor(plan.unit(*args, **kwargs)) for args, kwargs in plan.captured]
 
 
@@ -277,7 +290,7 @@ def output_error(
     weights = [None] * len(outputs) if token_weights is None else token_weights
     for out, ref, weight in zip(outputs, dense, weights, strict=True):
         skip = sink_positions if out.dim() >= 3 and out.shape[1] > sink_positions else 0
-        squared = (out[:, skip:].double() - ref[:, skip:].double()) ** 2
+        squared = (out[:, skip:] - ref[:, skip:]).double().square()
         if weight is None:
             total += float(squared.sum())
             continue
@@ -347,9 +360,10 @@ def greedy_trajectories(
         for plan in tqdm(
             plans, desc="greedy allocation", unit="block", disable=not progress or rank != 0
         ):
-            trajectories[plan.layer], errors[plan.layer] = _greedy_block(
-                plan, histograms, scales, target, step, sink_positions
-            )
+            with _memoised(plan.wrappers, max_inputs=len(plan.captured)):
+                trajectories[plan.layer], errors[plan.layer] = _greedy_block(
+                    plan, histograms, scales, target, step, sink_positions
+                )
     finally:
         for plan in plans:
             plan.captured.clear()
@@ -357,6 +371,52 @@ def greedy_trajectories(
             for wrapper in plan.wrappers:
                 wrapper.threshold.zero_()
     return trajectories, errors
+
+
+@contextlib.contextmanager
+def _memoised(wrappers: Sequence[SparseModule], max_inputs: int) -> Iterator[None]:
+    """Inside: a wrapper called again on the very same input tensor, with its buffers (the
+    thresholds) equal to last time, returns its last output instead of recomputing it.
+
+    The greedy search replays a block once per trial with one wrapper changed: the wrappers
+    upstream of it (gate and up when down is tried, the two others when gate is) see the same
+    captured input with the same thresholds, so their outputs are reused. Each wrapper keeps its
+    last ``max_inputs`` inputs (one per captured batch), an output that was changed in place is
+    never reused, and the plain ``forward`` is back on exit.
+    """
+
+    def _patch(wrapper: SparseModule) -> None:
+        plain = wrapper.forward
+        memo: dict[int, tuple] = {}  # id(input) -> (input, buffers, output, output version)
+
+        def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            buffers = list(wrapper.buffers())
+            hit = memo.get(id(x))
+            if (
+                hit is not None
+                and hit[0] is x
+                and not args
+                and not kwargs
+                and hit[3] == hit[2]._version
+                and all(torch.equal(a, b) for a, b in zip(hit[1], buffers, strict=True))
+            ):
+                return hit[2]
+            out = plain(x, *args, **kwargs)
+            memo.pop(id(x), None)
+            while len(memo) >= max(max_inputs, 1):
+                memo.pop(next(iter(memo)))  # the oldest input
+            memo[id(x)] = (x, [b.clone() for b in buffers], out, out._version)
+            return out
+
+        wrapper.forward = forward  # an instance attribute: nn.Module's __call__ finds it first
+
+    for wrapper in wrappers:
+        _patch(wrapper)
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            del wrapper.forward
 
 
 def _greedy_block(

@@ -40,7 +40,7 @@ from moefy.dist import all_reduce_sum_
 from moefy.errors import MoefyError
 from moefy.sparsify.calibrate import observing, stream_ffns
 from moefy.sparsify.config import CENTRES, DEFAULT_BATCH_SIZE, DEFAULT_GREEDY_SINK_POSITIONS
-from moefy.sparsify.wrappers import SparseModule, ThresholdLinear, TopKLinear
+from moefy.sparsify.wrappers import SparseModule, ThresholdLinear, TopKLinear, layer_device
 
 __all__ = [
     "CENTRES",
@@ -85,8 +85,9 @@ class _Centred:
 
     def _register_centre(self) -> None:
         # zeros: the wrapper computes what its base layer does until fit_centres sets them
-        self.register_buffer("centre", torch.zeros(self.in_features, dtype=torch.float32))
-        self.register_buffer("centre_bias", torch.zeros(self.out_features, dtype=torch.float32))
+        like = {"dtype": torch.float32, "device": layer_device(self.base_layer)}
+        self.register_buffer("centre", torch.zeros(self.in_features, **like))
+        self.register_buffer("centre_bias", torch.zeros(self.out_features, **like))
 
     def set_centre(self, centre: torch.Tensor) -> None:
         """Set the (I,) centre and the (O,) bias ``W @ centre`` it moves out of the product."""

@@ -1,11 +1,16 @@
-"""Fixed-size log-spaced histograms of non-negative scores, and quantiles read from them.
+"""Fixed-size histograms of non-negative scores, octave by octave, and quantiles read from them.
 
 Calibration needs the value below which a given share of a layer's scores (``|x|``,
 ``|x| * ||W[:, i]||``, ...) falls, over millions of entries. Keeping the entries is unbounded;
-a histogram over ``log2(score)`` with a fixed range and resolution is a few kilobytes per layer,
-adds up exactly over batches and ranks (its counts are integers held in float64), and gives
-quantiles to a relative error of ``2 ** (1 / BINS_PER_OCTAVE) - 1`` (about 1 %) before the
-linear interpolation inside the bin.
+a histogram with a fixed range and resolution is a few kilobytes per layer, adds up exactly over
+batches and ranks (its counts are integers held in float64), and gives quantiles to a relative
+error of at most ``2 ** -MANTISSA_BITS`` (0.8 %) before the linear interpolation inside the bin.
+
+The bins are those of the float32 bit pattern: every octave ``[2**e, 2**(e + 1))`` is cut into
+``BINS_PER_OCTAVE`` equal parts, and a score's bin is its exponent and top ``MANTISSA_BITS``
+mantissa bits, read with one shift of its bits (no logarithm): calibration streams billions of
+scores through :func:`add_to_histogram_`, and a shift, a subtraction, a clamp and a count are
+the whole cost.
 
 Shape legend:
     H: number of bins (``NUM_BINS``)
@@ -13,17 +18,34 @@ Shape legend:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LOG2_LOW = -32  # scores below 2**-32 (and exact zeros) fall in the underflow bin
-LOG2_HIGH = 16  # scores at or above 2**16 fall in the overflow bin
-BINS_PER_OCTAVE = 64
+LOG2_HIGH = 16  # scores at or above 2**16 (and NaN) fall in the overflow bin
+MANTISSA_BITS = 7
+BINS_PER_OCTAVE = 2**MANTISSA_BITS
 NUM_BINS = (LOG2_HIGH - LOG2_LOW) * BINS_PER_OCTAVE + 2  # + underflow + overflow
+
+# a float32's bits shifted right by _SHIFT: its biased exponent and top mantissa bits
+_SHIFT = 23 - MANTISSA_BITS
+_FLOAT32_BIAS = 127
+# the shifted bits of 2**LOG2_LOW, which land in bin 1
+_LOW_KEY = (LOG2_LOW + _FLOAT32_BIAS) << MANTISSA_BITS
 
 
 def empty_histogram(device: torch.device | str | None = None) -> torch.Tensor:
     """(H,) float64 zeros."""
     return torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
+
+
+def bin_indices(scores: torch.Tensor) -> torch.Tensor:
+    """The (N,) int32 bin of each score (any shape, >= 0), flattened."""
+    flat = scores.detach().reshape(-1).float()
+    # non-negative float32s order as their bit patterns do; 0 -> bin 0, inf and NaN -> the last
+    key = flat.view(torch.int32) >> _SHIFT
+    return key.sub_(_LOW_KEY - 1).clamp_(0, NUM_BINS - 1)
 
 
 def add_to_histogram_(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -34,13 +56,15 @@ def add_to_histogram_(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tenso
         >>> int(counts.sum())
         1000
     """
-    flat = scores.detach().reshape(-1).float()
-    # log2(0) = -inf -> clamps into the underflow bin 0.
-    position = (torch.log2(flat) - LOG2_LOW) * BINS_PER_OCTAVE
-    index = position.floor().nan_to_num(nan=-1.0, neginf=-1.0, posinf=float(NUM_BINS))
-    index = (index + 1).clamp_(0, NUM_BINS - 1).long()
-    counts += torch.bincount(index, minlength=NUM_BINS).to(counts)
+    counts += torch.bincount(bin_indices(scores), minlength=NUM_BINS).to(counts)
     return counts
+
+
+def _bin_edges(bin_index: int) -> tuple[float, float]:
+    """Lower and upper score of an in-range bin (1 .. H - 2)."""
+    octave, part = divmod(bin_index - 1, BINS_PER_OCTAVE)
+    base = math.ldexp(1.0, LOG2_LOW + octave)
+    return base * (1 + part / BINS_PER_OCTAVE), base * (1 + (part + 1) / BINS_PER_OCTAVE)
 
 
 def histogram_quantile(counts: torch.Tensor, share: float) -> float:
@@ -55,13 +79,14 @@ def histogram_quantile(counts: torch.Tensor, share: float) -> float:
         share: in [0, 1].
 
     Returns:
-        The threshold, interpolated linearly in log space inside its bin.
+        The threshold, interpolated linearly inside its bin.
 
     Example:
         >>> counts = add_to_histogram_(empty_histogram(), torch.rand(100_000))
         >>> round(histogram_quantile(counts, 0.5), 2)
         0.5
     """
+    counts = counts.detach().cpu()  # a few thousand bins: read them where the scalars live
     total = float(counts.sum())
     if share <= 0.0 or total == 0.0:
         return 0.0
@@ -76,8 +101,8 @@ def histogram_quantile(counts: torch.Tensor, share: float) -> float:
     below = float(cumulative[bin_index - 1])
     inside = float(counts[bin_index])
     fraction = (target - below) / inside if inside > 0 else 1.0
-    log2_value = LOG2_LOW + (bin_index - 1 + fraction) / BINS_PER_OCTAVE
-    return float(2.0**log2_value)
+    low, high = _bin_edges(bin_index)
+    return low + (high - low) * fraction
 
 
 def histogram_share_at_or_below(counts: torch.Tensor, threshold: float) -> float:
@@ -85,14 +110,13 @@ def histogram_share_at_or_below(counts: torch.Tensor, threshold: float) -> float
     total = float(counts.sum())
     if total == 0.0:
         return 0.0
-    if threshold <= 0.0:
+    if threshold < 2.0**LOG2_LOW:
         return float(counts[0]) / total
-    position = (
-        torch.log2(torch.tensor(threshold, dtype=torch.float64)) - LOG2_LOW
-    ) * BINS_PER_OCTAVE
-    position = float(position.clamp(0.0, NUM_BINS - 2.0))
-    whole = int(position // 1)
-    fraction = position - whole
-    below = float(counts[: whole + 1].sum())
-    partial = float(counts[whole + 1]) * fraction if whole + 1 < NUM_BINS else 0.0
-    return (below + partial) / total
+    if threshold >= 2.0**LOG2_HIGH:
+        return float(counts[:-1].sum()) / total
+    mantissa, exponent = math.frexp(threshold)  # threshold = mantissa * 2**exponent, [0.5, 1)
+    position = (2.0 * mantissa - 1.0) * BINS_PER_OCTAVE  # [0, BINS_PER_OCTAVE)
+    part = min(int(position), BINS_PER_OCTAVE - 1)
+    bin_index = 1 + (exponent - 1 - LOG2_LOW) * BINS_PER_OCTAVE + part
+    below = float(counts[:bin_index].sum())
+    return (below + float(counts[bin_index]) * (position - part)) / total

@@ -14,6 +14,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "ThresholdActivation",
     "ThresholdLinear",
     "TopKLinear",
+    "counters_paused",
     "input_column_norms",
     "linear_shape",
     "reset_counters",
@@ -38,6 +40,30 @@ __all__ = [
 ]
 
 SPARSIFY_CONFIG_ATTR = "moefy_sparsify_config"
+
+# set by counters_paused: calibration's forward passes leave the wrappers' counters alone
+_counters_paused = False
+
+
+@contextlib.contextmanager
+def counters_paused() -> Iterator[None]:
+    """Skip every wrapper's zero counting inside the block (calibration passes: their counts
+    would be reset anyway, and counting costs two passes over each sparsified tensor)."""
+    global _counters_paused
+    previous, _counters_paused = _counters_paused, True
+    try:
+        yield
+    finally:
+        _counters_paused = previous
+
+
+def layer_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for one that has none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -91,8 +117,12 @@ class SparseModule(nn.Module):
         self.weights_per_zero = weights_per_zero
         # Counters of the text seen since the last reset; not part of the model's state. Integers,
         # so they stay exact and model.to(dtype) leaves them alone.
+        # On the layer's device, so a wrapper added to a model already on the GPU counts there.
+        device = layer_device(base_layer)
         for name in ("zeros_seen", "entries_seen", "tokens_seen"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.int64), persistent=False)
+            self.register_buffer(
+                name, torch.zeros((), dtype=torch.int64, device=device), persistent=False
+            )
 
     def reset_counters(self) -> None:
         """Forget what was counted."""
@@ -122,6 +152,8 @@ class SparseModule(nn.Module):
 
     def _count(self, sparse: torch.Tensor) -> None:
         """Count the zero entries of the sparsified tensor (..., C): those a kernel skips."""
+        if _counters_paused:
+            return
         with torch.no_grad():
             self.zeros_seen += (sparse == 0).sum()
             self.entries_seen += sparse.numel()
@@ -200,11 +232,15 @@ class ThresholdLinear(_InputSparseLinear):
     ) -> None:
         super().__init__(base_layer, layer=layer, role=role)
         shape = (self.in_features,) if per_channel else ()
-        self.register_buffer("threshold", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer(
+            "threshold", torch.zeros(shape, dtype=torch.float32, device=layer_device(base_layer))
+        )
         # (I, O) weight for compiled steps, set by freeze_for_compile; None: the masked path
         self._frozen_weight_t: torch.Tensor | None = None
 
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and kernels.is_all_zero(self.threshold):
+            return x  # a zero threshold drops only the entries that are zero already
         return x.masked_fill(x.abs() <= self.threshold, 0.0)
 
     def freeze_for_compile(self) -> None:
@@ -314,8 +350,9 @@ class ThresholdActivation(SparseModule):
             weights_per_zero=2 * d_model,  # one up row, one down column
         )
         self.d_ff = d_ff
+        shape = (d_ff,) if per_channel else ()
         self.register_buffer(
-            "threshold", torch.zeros((d_ff,) if per_channel else (), dtype=torch.float32)
+            "threshold", torch.zeros(shape, dtype=torch.float32, device=layer_device(base_layer))
         )
 
     def observe(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
