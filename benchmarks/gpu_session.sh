@@ -6,13 +6,15 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #
-# Stages, run in the order given (default: env check kernels goals):
+# Stages, run in the order given (default: env check kernels splits goals):
 #   env           GPU, driver and package versions
 #   check         pytest -m gpu: the Triton kernels compiled on CUDA against float64 references,
 #                 every verb and the CLI on CUDA, fp32 CUDA against the CPU
 #   kernels       moefy bench --device cuda --only ffn --quick: Triton against cuBLAS, Llama-3-8B /
 #                 70B shapes, batch 1 / 4 / 16, 0 to 90 % sparsity, the Llama-3-8B MLP block
 #                 with TEAL thresholds and as 64 expert blocks
+#   splits        benchmarks/gpu_kernel_splits.py: the threshold kernel's split count and
+#                 pipelining depth against cuBLAS (the first H200 run found it flat in sparsity)
 #   decode-small  decode of a random SmolLM2-135M-shaped model, dense / TEAL / MoE, CUDA graphs
 #   decode-8b     the same for a random Llama-3-8B-shaped model (32 layers)
 #   goals         the speed goals against what this run's JSON holds (met / short /
@@ -37,7 +39,7 @@ export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MOEFY_PROGRESS=lines MOEFY_CACHE=${MOEFY_CACHE:-/tmp/moefy-cache}
 MOEFY=("$PYTHON" -m moefy.cli.main)
 
-declare -A LIMIT=([env]=60 [check]=240 [kernels]=180 [decode-small]=150 [decode-8b]=330 [goals]=30)
+declare -A LIMIT=([env]=60 [check]=240 [kernels]=180 [splits]=120 [decode-small]=150 [decode-8b]=330 [goals]=30)
 
 # run_stage NAME CMD...: CMD under NAME's limit, its output to $OUT/NAME.log, then the log's end.
 run_stage() {
@@ -75,10 +77,10 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env check kernels goals)
+[ ${#stages[@]} -eq 0 ] && stages=(env check kernels splits goals)
 for stage in "${stages[@]}"; do
   if [ -z "${LIMIT[$stage]+set}" ]; then
-    echo "gpu_session.sh: unknown stage '$stage': use env, check, kernels, decode-small, decode-8b or goals" >&2
+    echo "gpu_session.sh: unknown stage '$stage': use env, check, kernels, splits, decode-small, decode-8b or goals" >&2
     exit 2
   fi
 done
@@ -90,6 +92,7 @@ for stage in "${stages[@]}"; do
     kernels)
       run_stage kernels "${MOEFY[@]}" bench --device cuda --only ffn --quick \
         --out "$OUT/kernels.json" --overwrite ;;
+    splits) run_stage splits "$PYTHON" benchmarks/gpu_kernel_splits.py --out "$OUT/splits.json" ;;
     decode-small)
       run_stage decode-small "${MOEFY[@]}" bench --device cuda --only decode --quick \
         --shape smollm2-135m --out "$OUT/decode-small.json" --overwrite ;;

@@ -1,9 +1,12 @@
 """Budget rules of the layerwise methods on SmolLM2-135M / BBC News: perplexity, measured share
 of weights skipped and per-block shares for ``block``, ``global`` and ``tail``, each calibrated
-once (sparsest level first, the others reuse it); ``--time`` instead times one calibration.
+once (sparsest level first, the others reuse it); ``--time`` instead times one calibration of
+each method (``--methods``, specs as the sweep takes them) under each budget.
 
     python benchmarks/sparsify_budgets.py --budgets block,global,tail --levels 0.65,0.5
     python benchmarks/sparsify_budgets.py --time --budgets block --tokens 16384
+    python benchmarks/sparsify_budgets.py --time --budgets global --tokens 16384 \
+        --methods teal,scap,rotate,lowrank
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from moefy.data.text import load_text
 from moefy.eval.perplexity import perplexity
 from moefy.models.load import load_model
 from moefy.sparsify import TEALConfig, measured_sparsity, reset_counters, sparsify_, unsparsify
+from moefy.sparsify.config import config_from_spec
 
 
 def main() -> None:
@@ -26,6 +30,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--time", action="store_true", help="time one calibration per budget")
+    parser.add_argument("--methods", default="teal", help="with --time: method specs to time")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m")
@@ -33,12 +38,17 @@ def main() -> None:
     calibration = text.blocks(tokenizer, "calibration", 256, args.tokens)
     budgets = args.budgets.split(",")
     if args.time:
-        for budget in budgets:
-            start = time.perf_counter()
-            sparsify_(model, TEALConfig(sparsity=0.5, budget=budget), calibration)
-            seconds = time.perf_counter() - start
-            print(f"budget={budget} tokens={calibration.n_tokens} calibration_s={seconds:.1f}")
-            unsparsify(model)
+        for method in args.methods.split(","):
+            for budget in budgets:
+                config = config_from_spec(method, sparsity=0.5, budget=budget)
+                start = time.perf_counter()
+                sparsify_(model, config, calibration)
+                seconds = time.perf_counter() - start
+                print(
+                    f"method={method} budget={budget} tokens={calibration.n_tokens} "
+                    f"calibration_s={seconds:.1f}"
+                )
+                unsparsify(model)
         return
     evaluation = text.blocks(tokenizer, "evaluation", 256, args.eval_tokens)
     dense = perplexity(model, evaluation).perplexity

@@ -40,3 +40,9 @@ def test_stage_writes_its_log_and_reports_its_exit_and_time_limit(tmp_path):
     # a stage past its limit is cut off and says so; the script goes on
     result, out = _run(tmp_path, "env", LIMIT_ENV="0.01")
     assert "=== env: exit 124" in result.stdout and "(time limit)" in result.stdout
+
+
+def test_splits_stage_needs_a_gpu_and_says_so_in_its_log(tmp_path):
+    result, out = _run(tmp_path, "splits")
+    assert "=== splits: exit 2" in result.stdout
+    assert "needs a CUDA GPU" in (out / "splits.log").read_text()

@@ -127,6 +127,7 @@ def threshold_project(
     *,
     outs: list[torch.Tensor] | None = None,
     splits: int | None = None,
+    num_stages: int | None = None,
 ) -> list[torch.Tensor]:
     """One or two threshold-sparse projections of the same input in one pass over it.
 
@@ -137,6 +138,8 @@ def threshold_project(
         threshold: () or (I,).
         outs: preallocated (N, O) outputs (tests poison them); default new tensors.
         splits: how many splits of I (default: enough programs for the device).
+        num_stages: Triton's software-pipelining depth (default: Triton's own); a tuning knob
+            for ``benchmarks/gpu_kernel_splits.py``, ignored by the interpreter.
 
     Returns:
         The (N, O) outputs in x's dtype.
@@ -180,6 +183,7 @@ def threshold_project(
         BLOCK_I=BLOCK_I,
         BLOCK_O=BLOCK_O,
         num_warps=NUM_WARPS,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if not final:
         launch.reduce_partials(parts, biases, outs)
