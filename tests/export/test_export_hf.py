@@ -62,6 +62,20 @@ def test_routed_export_is_close_to_moefy_and_reports_its_fit(tmp_path) -> None:
     assert record["router_recall"] == [f.recall for f in fit.layers]
 
 
+def test_logit_spread_scales_the_router_and_keeps_its_choices(tmp_path) -> None:
+    model = carved()
+    set_routing(model, "topk", keep=0.5)
+    calibration = blocks(seed=4)
+    narrow = moefy.export(model, tmp_path / "narrow", data=calibration)
+    wide = moefy.export(model, tmp_path / "wide", data=calibration, logit_spread=0.1)
+    for a, b in zip(narrow.router.layers, wide.router.layers, strict=True):
+        assert b.scale == pytest.approx(100 * a.scale)  # the default spread is 1e-3
+        torch.testing.assert_close(b.weight, 100 * a.weight)
+        assert b.recall == a.recall  # scaling keeps the ranking, so the top-k
+    # the weights' spread grows with the logits' (near 1/E_r at 1e-3, not at 0.1)
+    assert wide.router.mean_weight_error > 10 * narrow.router.mean_weight_error
+
+
 @torch.no_grad()
 def test_oracle_target_and_relu_models_export(tmp_path) -> None:
     model = tiny_llama()

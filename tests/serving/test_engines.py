@@ -1,4 +1,6 @@
-"""The engines themselves, on a small random Qwen2-MoE (the layout `moefy export` writes).
+"""The engines themselves, on a small random Qwen2-MoE (the layout `moefy export` writes) and on
+what `moefy export` itself writes from a carved random Llama (every expert running, so the
+engines must give the dense model's tokens: no routing boundary for rounding to move).
 
 Each test runs only where its engine's venv is installed (``serving/setup_venvs.sh``); elsewhere
 it is skipped with the command that installs it. The dense comparison is left to
@@ -42,6 +44,43 @@ def tiny_moe(tmp_path_factory):
         [sys.executable, str(builder), "--tokenizer", str(tokenizer), "--out", str(out)], check=True
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def moefy_export(tmp_path_factory):
+    """(hf folder, f32 GGUF) that ``moefy export`` writes from a carved random Llama with
+    SmolLM2's vocabulary: a shared expert (its zero gate, which llama.cpp once turned into NaN)
+    and 6 routed experts, all of them running."""
+    import torch
+    import transformers as T
+
+    import moefy
+    from moefy.carve import CarveConfig, carve_
+    from moefy.data.blocks import TokenBlocks
+
+    load_model(SMOLLM2)
+    tokenizer = T.AutoTokenizer.from_pretrained(cache_dir() / "models" / SMOLLM2)
+    config = T.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,  # head_dim 32: vLLM's CPU attention refuses 16
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,  # clear greedy margins, as in tiny_qwen2moe.py
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, len(tokenizer), (16, 32), generator=torch.Generator().manual_seed(1))
+    carve_(model, TokenBlocks(ids), CarveConfig(expert_size=32, shared=0.25, pattern_tokens=64))
+    out = tmp_path_factory.mktemp("moefy-export")
+    moefy.export(model, out / "hf", tokenizer=tokenizer)
+    moefy.export(model, out / "moe.gguf", format="gguf", tokenizer=tokenizer)
+    return out / "hf", out / "moe.gguf"
 
 
 def _check(python, engine, model, out, *extra):
@@ -89,3 +128,16 @@ def test_llamacpp_reproduces_transformers_greedy(tiny_moe, tmp_path):
     gguf = tmp_path / "tiny.gguf"
     subprocess.run([str(SERVING / "hf_to_gguf.sh"), str(tiny_moe), str(gguf), "f32"], check=True)
     _assert_matches(*_check(python, "llamacpp", tiny_moe, tmp_path, "--engine-model", str(gguf)))
+
+
+@_needs("vllm")
+def test_vllm_runs_moefys_export_as_transformers_does(moefy_export, tmp_path):
+    folder, _ = moefy_export
+    _assert_matches(*_check(engine_python("vllm"), "vllm", folder, tmp_path))
+
+
+@_needs("llamacpp")
+def test_llamacpp_runs_moefys_gguf_as_transformers_does(moefy_export, tmp_path):
+    folder, gguf = moefy_export
+    python = engine_python("llamacpp")
+    _assert_matches(*_check(python, "llamacpp", folder, tmp_path, "--engine-model", str(gguf)))

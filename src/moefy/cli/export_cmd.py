@@ -72,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the exported linear router imitates: the model's own router (default) or "
         "the oracle (true expert norms)",
     )
+    parser.add_argument(
+        "--logit-spread",
+        type=float,
+        default=None,
+        help="per-token rms of the exported router logits (default 1e-3): larger makes the "
+        "top-k robust to other engines' rounding, at softmax weights further from uniform",
+    )
     add_eval_tokens(
         parser,
         "tokens of evaluation text for the perplexity check (0: no check)",
@@ -124,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             target=args.target,
             overwrite=args.overwrite,
             batch_size=args.batch_size,
+            logit_spread=args.logit_spread,
         )
     _show_export(args, report)
     if args.eval_tokens:

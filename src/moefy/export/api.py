@@ -141,6 +141,7 @@ def build_export_model(
     *,
     target: str = "router",
     batch_size: int = 8,
+    logit_spread: float | None = None,
 ) -> tuple[nn.Module, Any, RouterFit]:
     """The Qwen2-MoE model (fp32, CPU) equivalent to ``model``, with its routers fitted.
 
@@ -149,6 +150,8 @@ def build_export_model(
         data: calibration blocks for the router fit (None when every expert runs).
         target: ``router`` (distil the model's selector) or ``oracle`` (true expert norms).
         batch_size: blocks per forward pass of the fit.
+        logit_spread: per-token rms of the exported router logits (default
+            :data:`moefy.export.routing.DEFAULT_LOGIT_SPREAD`); see :func:`export`.
 
     Returns:
         ``(qwen_model, plan, router_fit)``.
@@ -157,10 +160,11 @@ def build_export_model(
         >>> qwen, plan, fit = build_export_model(model, blocks)
     """
     from moefy.export.qwen2_moe import build_qwen2_moe, plan_export
-    from moefy.export.routing import fit_routers
+    from moefy.export.routing import DEFAULT_LOGIT_SPREAD, fit_routers
 
     plan = plan_export(model)
-    fit = fit_routers(model, plan, data, target=target, batch_size=batch_size)
+    spread = DEFAULT_LOGIT_SPREAD if logit_spread is None else logit_spread
+    fit = fit_routers(model, plan, data, target=target, batch_size=batch_size, logit_spread=spread)
     return build_qwen2_moe(model, plan, fit.weights()), plan, fit
 
 
@@ -175,6 +179,7 @@ def export(
     target: str = "router",
     overwrite: bool = False,
     batch_size: int = 8,
+    logit_spread: float | None = None,
 ) -> ExportReport:
     """Write a moefied model as a standard MoE checkpoint (see :data:`EXPORT_FORMATS`).
 
@@ -191,6 +196,11 @@ def export(
         target: ``router`` or ``oracle``: what the exported router imitates.
         overwrite: replace an output moefy wrote before.
         batch_size: blocks per forward pass of the fit.
+        logit_spread: per-token rms of the exported router logits (default 1e-3). The
+            softmax weights stray from the 1/E_r folded into the experts by about the
+            spread, and the top-k boundary's gaps grow with it: a trade-off between the
+            weights' fidelity and the selection's robustness to another engine's rounding
+            (docs/serving.md has what it measured on SmolLM2's carved export).
 
     Returns:
         An :class:`ExportReport`.
@@ -207,7 +217,9 @@ def export(
     """
     fmt, dtype = resolve_format(format, dtype)
     check_output(path, fmt.kind, overwrite=overwrite, option="output")  # before any work
-    qwen, plan, fit = build_export_model(model, data, target=target, batch_size=batch_size)
+    qwen, plan, fit = build_export_model(
+        model, data, target=target, batch_size=batch_size, logit_spread=logit_spread
+    )
     report = ExportReport(
         path=Path(path),
         format=format,
