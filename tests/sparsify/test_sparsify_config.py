@@ -30,7 +30,12 @@ from moefy.sparsify.histogram import (
     histogram_share_at_or_below,
 )
 from moefy.sparsify.lowrank import LowRankLinear
-from moefy.sparsify.wrappers import ThresholdActivation, ThresholdLinear, TopKLinear
+from moefy.sparsify.wrappers import (
+    ThresholdActivation,
+    ThresholdLinear,
+    TopKLinear,
+    counters_paused,
+)
 
 ALL_CONFIGS = [
     TopKConfig(sparsity=0.3),
@@ -159,3 +164,25 @@ def test_wrapper_buffers_live_on_the_wrapped_layers_device(make):
     wrapper = make(base)
     devices = {name: buffer.device.type for name, buffer in wrapper.named_buffers()}
     assert devices and set(devices.values()) == {"meta"}, devices
+
+
+@pytest.mark.parametrize("tokens", [1, 64], ids=["kernel-sized", "masked-path"])
+@pytest.mark.parametrize(
+    "make", [ThresholdLinear, CentredThresholdLinear], ids=["plain", "centred"]
+)
+def test_counters_paused_leaves_every_counter_alone_on_both_paths(make, tokens):
+    wrapper = make(torch.nn.Linear(64, 32), layer=0, role="down_proj")
+    wrapper.threshold.fill_(0.5)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), counters_paused():
+        paused = wrapper(x)
+    assert [int(b) for b in (wrapper.zeros_seen, wrapper.entries_seen, wrapper.tokens_seen)] == [
+        0,
+        0,
+        0,
+    ]
+    with torch.no_grad():
+        counted = wrapper(x)
+    torch.testing.assert_close(paused, counted)
+    assert int(wrapper.entries_seen) == 64 * tokens and int(wrapper.tokens_seen) == tokens
+    assert 0 < int(wrapper.zeros_seen) < 64 * tokens

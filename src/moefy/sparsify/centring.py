@@ -36,11 +36,12 @@ from torch.utils.hooks import RemovableHandle
 
 from moefy import kernels
 from moefy.data.blocks import TokenBlocks
+from moefy.device import model_device
 from moefy.dist import all_reduce_sum_
 from moefy.errors import MoefyError
 from moefy.sparsify.calibrate import observing, stream_ffns
 from moefy.sparsify.config import CENTRES, DEFAULT_BATCH_SIZE, DEFAULT_GREEDY_SINK_POSITIONS
-from moefy.sparsify.wrappers import SparseModule, ThresholdLinear, TopKLinear, layer_device
+from moefy.sparsify.wrappers import SparseModule, ThresholdLinear, TopKLinear
 
 __all__ = [
     "CENTRES",
@@ -85,7 +86,7 @@ class _Centred:
 
     def _register_centre(self) -> None:
         # zeros: the wrapper computes what its base layer does until fit_centres sets them
-        like = {"dtype": torch.float32, "device": layer_device(self.base_layer)}
+        like = {"dtype": torch.float32, "device": model_device(self.base_layer)}
         self.register_buffer("centre", torch.zeros(self.in_features, **like))
         self.register_buffer("centre_bias", torch.zeros(self.out_features, **like))
 
@@ -163,9 +164,8 @@ class CentredThresholdLinear(_Centred, ThresholdLinear):
             self._count(sparse)
             return self.base_layer(sparse) + centre_bias  # (..., O)
         bias = centre_bias if self.bias is None else self.bias + centre_bias
-        out = kernels.threshold_linear(tokens, weight_t, bias, self.threshold, self.zeros_seen)
-        self.entries_seen += tokens.numel()
-        self.tokens_seen += tokens.shape[0]
+        counter = self._kernel_counter(tokens)
+        out = kernels.threshold_linear(tokens, weight_t, bias, self.threshold, counter)
         return out.reshape(*x.shape[:-1], self.out_features)  # (..., O)
 
 

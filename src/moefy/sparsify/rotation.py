@@ -230,11 +230,8 @@ class RotatedLinear(ThresholdLinear):
         rotated = self.shared.rotate(x, self.rotation)  # (..., C)
         tokens = rotated.reshape(-1, self.in_features)  # (N, C)
         if kernels.kernel_fits("threshold_linear", tokens, weight_t, extras=(self.bias,)):
-            out = kernels.threshold_linear(
-                tokens, weight_t, self.bias, self.threshold, self.zeros_seen
-            )  # (N, O)
-            self.entries_seen += tokens.numel()
-            self.tokens_seen += tokens.shape[0]
+            counter = self._kernel_counter(tokens)
+            out = kernels.threshold_linear(tokens, weight_t, self.bias, self.threshold, counter)
             return out.reshape(*x.shape[:-1], self.out_features)
         kept = self.sparsify_input(rotated)  # (..., C)
         self._count(kept)

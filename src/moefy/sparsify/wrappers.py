@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from moefy import kernels
 from moefy.arch.spec import set_submodule
 from moefy.cost import FLOPS_PER_MULTIPLY_ADD, ModuleCost, reset_counters, tensor_bytes
+from moefy.device import model_device
 
 __all__ = [
     "SPARSIFY_CONFIG_ATTR",
@@ -55,15 +56,6 @@ def counters_paused() -> Iterator[None]:
         yield
     finally:
         _counters_paused = previous
-
-
-def layer_device(module: nn.Module) -> torch.device:
-    """The device of ``module``'s first parameter or buffer (the CPU for one that has none)."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -118,7 +110,7 @@ class SparseModule(nn.Module):
         # Counters of the text seen since the last reset; not part of the model's state. Integers,
         # so they stay exact and model.to(dtype) leaves them alone.
         # On the layer's device, so a wrapper added to a model already on the GPU counts there.
-        device = layer_device(base_layer)
+        device = model_device(base_layer)
         for name in ("zeros_seen", "entries_seen", "tokens_seen"):
             self.register_buffer(
                 name, torch.zeros((), dtype=torch.int64, device=device), persistent=False
@@ -158,6 +150,15 @@ class SparseModule(nn.Module):
             self.zeros_seen += (sparse == 0).sum()
             self.entries_seen += sparse.numel()
             self.tokens_seen += sparse.numel() // max(sparse.shape[-1], 1)
+
+    def _kernel_counter(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """For a kernel call on (N, C) ``tokens``: count its entries and tokens here and return
+        the ``zeros_seen`` buffer the kernel adds its dropped inputs to (None while paused)."""
+        if _counters_paused:
+            return None
+        self.entries_seen += tokens.numel()
+        self.tokens_seen += tokens.shape[0]
+        return self.zeros_seen
 
     def observe(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
         """Call ``callback`` with the tensor this wrapper sparsifies (before sparsifying) on every
@@ -233,7 +234,7 @@ class ThresholdLinear(_InputSparseLinear):
         super().__init__(base_layer, layer=layer, role=role)
         shape = (self.in_features,) if per_channel else ()
         self.register_buffer(
-            "threshold", torch.zeros(shape, dtype=torch.float32, device=layer_device(base_layer))
+            "threshold", torch.zeros(shape, dtype=torch.float32, device=model_device(base_layer))
         )
         # (I, O) weight for compiled steps, set by freeze_for_compile; None: the masked path
         self._frozen_weight_t: torch.Tensor | None = None
@@ -283,14 +284,8 @@ class ThresholdLinear(_InputSparseLinear):
         # Decode-sized batch: a kernel (C++ on the CPU, Triton on CUDA) that skips the weight
         # rows of dropped inputs and counts them into zeros_seen itself.
         out = kernels.threshold_linear(
-            tokens,
-            weight_t,
-            self.bias,
-            self.threshold,
-            self.zeros_seen,
+            tokens, weight_t, self.bias, self.threshold, self._kernel_counter(tokens)
         )
-        self.entries_seen += tokens.numel()
-        self.tokens_seen += tokens.shape[0]
         return out.reshape(*x.shape[:-1], self.out_features)  # (..., O)
 
 
@@ -352,7 +347,7 @@ class ThresholdActivation(SparseModule):
         self.d_ff = d_ff
         shape = (d_ff,) if per_channel else ()
         self.register_buffer(
-            "threshold", torch.zeros(shape, dtype=torch.float32, device=layer_device(base_layer))
+            "threshold", torch.zeros(shape, dtype=torch.float32, device=model_device(base_layer))
         )
 
     def observe(self, callback: Callable[[torch.Tensor], None]) -> RemovableHandle:
