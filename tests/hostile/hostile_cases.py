@@ -420,6 +420,7 @@ NUMBERS = (
     ("sparsify", "--rank", ("0", "-1", "text")),
     ("export", "--keep", ("0", "1.5", "nan")),
     ("export", "--eval-tokens", ("-1",)),
+    ("export", "--logit-spread", ("0", "-1", "nan", "inf", "text")),
     ("sparsify", "--eval-tokens", ("text",)),
     ("generate", "--max-new-tokens", ("0", "1")),
     ("generate", "--threads", ("-1",)),

@@ -16,6 +16,7 @@ from moefy.cli.args import (
     add_model_and_data,
     add_output,
     float_type,
+    positive_float,
 )
 
 HELP = "write a moefied model as a transformers Qwen2-MoE folder or a llama.cpp GGUF file"
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--logit-spread",
-        type=float,
+        type=positive_float,
         default=None,
         help="per-token rms of the exported router logits (default 1e-3): larger makes the "
         "top-k robust to other engines' rounding, at softmax weights further from uniform",

@@ -24,6 +24,7 @@ the export distils them:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -135,8 +136,8 @@ def fit_routers(
     """
     if target not in ROUTER_TARGETS:
         raise MoefyError(f"router target {target!r} is not one of {', '.join(ROUTER_TARGETS)}")
-    if not logit_spread > 0:
-        raise MoefyError(f"the logit spread must be > 0, got {logit_spread}")
+    if not (math.isfinite(logit_spread) and logit_spread > 0):
+        raise MoefyError(f"the logit spread must be a finite number > 0, got {logit_spread}")
     layers = plan.moe_layers
     routed = [layer for layer in layers if not layer.selects_all()]
     zero = {
