@@ -48,8 +48,11 @@ VLLM_KV_CACHE_GIB = "1"
 MAX_MODEL_LEN = 512
 
 
-def _generate_vllm(model_path: str, prompt_ids: list[list[int]], tokens: int) -> dict[str, Any]:
-    """vLLM (CPU build): greedy, float32, the sampled token's raw log-probability."""
+def _generate_vllm(
+    model_path: str, prompt_ids: list[list[int]], tokens: int, forced: list[list[int]]
+) -> dict[str, Any]:
+    """vLLM (CPU build): greedy, float32, the sampled token's raw log-probability; then the
+    prompts with ``forced`` appended, scored in one prefill (``prompt_logprobs``)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_KV_CACHE_GIB)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -64,13 +67,33 @@ def _generate_vllm(model_path: str, prompt_ids: list[list[int]], tokens: int) ->
     start = time.perf_counter()
     llm.generate(requests, params, use_tqdm=False)
     batched = time.perf_counter() - start
+    scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    scored = llm.generate(
+        [
+            TokensPrompt(prompt_token_ids=ids + extra)
+            for ids, extra in zip(prompt_ids, forced, strict=True)
+        ],
+        scoring,
+        use_tqdm=False,
+    )
     prompts = []
-    for ids, output in zip(prompt_ids, outputs, strict=True):
+    for ids, extra, output, score in zip(prompt_ids, forced, outputs, scored, strict=True):
         completion = output.outputs[0]
         chosen = list(completion.token_ids)
         steps = zip(chosen, completion.logprobs, strict=True)
         logprobs = [step[token].logprob for token, step in steps]
-        prompts.append({"prompt_ids": ids, "tokens": chosen, "logprobs": logprobs})
+        # prompt_logprobs[i]: {token: Logprob} at position i (the top-1 and the fed token)
+        rows = score.prompt_logprobs[len(ids) : len(ids) + len(extra)]
+        argmax = [max(row.items(), key=lambda item: item[1].logprob)[0] for row in rows]
+        fed = [row[token].logprob for token, row in zip(extra, rows, strict=True)]
+        prompts.append(
+            {
+                "prompt_ids": ids,
+                "tokens": chosen,
+                "logprobs": logprobs,
+                "forced": {"tokens": argmax, "logprobs": fed},
+            }
+        )
     total = len(prompt_ids) * tokens
     return {
         "prompts": prompts,
@@ -79,13 +102,29 @@ def _generate_vllm(model_path: str, prompt_ids: list[list[int]], tokens: int) ->
     }
 
 
-def _generate_llamacpp(model_path: str, prompt_ids: list[list[int]], tokens: int) -> dict[str, Any]:
-    """llama.cpp: greedy (argmax of the logits llama.cpp returns), one prompt at a time."""
+def _generate_llamacpp(
+    model_path: str, prompt_ids: list[list[int]], tokens: int, forced: list[list[int]]
+) -> dict[str, Any]:
+    """llama.cpp: greedy (argmax of the logits llama.cpp returns), one prompt at a time, KV
+    cache in float32 (its default, float16, alone moves dense SmolLM2's log-probabilities by
+    2.2e-3 against 1e-5 in float32); then the prompts with ``forced`` appended, in one eval."""
     import numpy as np
-    from llama_cpp import Llama
+    from llama_cpp import GGML_TYPE_F32, Llama
 
     # logits_all: without it this binding leaves llm.scores at zero (measured with 0.3.36)
-    llm = Llama(model_path=model_path, n_ctx=MAX_MODEL_LEN, seed=0, verbose=False, logits_all=True)
+    llm = Llama(
+        model_path=model_path,
+        n_ctx=MAX_MODEL_LEN,
+        seed=0,
+        verbose=False,
+        logits_all=True,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+    )
+
+    def log_softmax(logits: Any) -> Any:
+        peak = logits.max()
+        return logits - peak - np.log(np.exp(logits - peak).sum())
 
     def greedy(ids: list[int]) -> tuple[list[int], list[float]]:
         llm.reset()
@@ -106,6 +145,15 @@ def _generate_llamacpp(model_path: str, prompt_ids: list[list[int]], tokens: int
         chosen, logprobs = greedy(ids)
         prompts.append({"prompt_ids": ids, "tokens": chosen, "logprobs": logprobs})
     seconds = time.perf_counter() - start
+    for prompt, extra in zip(prompts, forced, strict=True):
+        ids = prompt["prompt_ids"]
+        llm.reset()
+        llm.eval(ids + extra[:-1])
+        rows = [llm.scores[len(ids) - 1 + i].astype(np.float64) for i in range(len(extra))]
+        prompt["forced"] = {
+            "tokens": [int(row.argmax()) for row in rows],
+            "logprobs": [float(log_softmax(row)[t]) for row, t in zip(rows, extra, strict=True)],
+        }
     return {
         "prompts": prompts,
         "tokens_per_second": {"sequential": len(prompt_ids) * tokens / seconds},
@@ -188,7 +236,8 @@ def check(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     ref = read_record(args.reference)
     prompt_ids = [p["prompt_ids"] for p in ref["prompts"]]
-    record = ENGINES[args.engine](args.model, prompt_ids, args.tokens)
+    forced = [p["tokens"] for p in ref["prompts"]]
+    record = ENGINES[args.engine](args.model, prompt_ids, args.tokens, forced)
     record.update(engine=args.engine, model=args.model)
     write_json(args.out, record)
     return 0

@@ -15,6 +15,17 @@ difference of the chosen tokens' log-probabilities over the positions where both
 token so far. A divergence at a position where transformers' own top-2 margin is below
 ``TIE_MARGIN`` is labelled a near tie: float rounding in another kernel can flip it.
 
+Greedy sequences stop being comparable at their first difference, so one flipped choice hides
+everything after it. Engine records may also carry a *teacher-forced* pass (``"forced"`` per
+prompt: the engine fed the prompt and transformers' 32 tokens, and at each of those positions
+its own argmax and the log-probability it gives transformers' token)::
+
+    "forced": {"tokens": [...32 argmax ids...], "logprobs": [...32 floats...]}
+
+``compare_forced`` counts the positions whose argmax is transformers' token and the largest
+log-probability difference over all of them: how often the engine would choose what
+transformers chooses given the same context, which a single early flip cannot hide.
+
 Example:
     >>> ref = {"prompts": [{"prompt_ids": [1], "tokens": [5, 6], "logprobs": [-0.1, -0.2]}]}
     >>> eng = {"prompts": [{"prompt_ids": [1], "tokens": [5, 6], "logprobs": [-0.1, -0.25]}]}
@@ -101,6 +112,60 @@ def compare_prompt(reference: dict[str, Any], engine: dict[str, Any]) -> dict[st
     }
 
 
+def compare_forced(reference: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any] | None:
+    """Teacher-forced agreement of one prompt, or None when the engine record has no pass.
+
+    Args:
+        reference: the transformers record of the prompt (``tokens``, ``logprobs``).
+        engine: the engine's record of the same prompt, with ``forced`` (see the module
+            docstring).
+
+    Returns:
+        ``{"agreeing": positions whose engine argmax is the reference token, "positions": n,
+        "max_abs_logprob_diff": over all n positions}``.
+
+    Example:
+        >>> ref = {"tokens": [5, 6], "logprobs": [-0.1, -0.2]}
+        >>> eng = {"forced": {"tokens": [5, 7], "logprobs": [-0.1, -0.9]}}
+        >>> compare_forced(ref, eng)["agreeing"]
+        1
+    """
+    forced = engine.get("forced")
+    if forced is None:
+        return None
+    want, got = reference["tokens"], forced.get("tokens")
+    if (
+        not isinstance(got, list)
+        or len(got) != len(want)
+        or len(forced.get("logprobs", [])) != len(want)
+    ):
+        raise CheckError("the engine's teacher-forced pass does not cover the reference's tokens")
+    return {
+        "agreeing": sum(a == b for a, b in zip(want, got, strict=True)),
+        "positions": len(want),
+        "max_abs_logprob_diff": max_abs_difference(
+            reference["logprobs"], forced["logprobs"], len(want)
+        ),
+    }
+
+
+def _forced_total(per_prompt: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The teacher-forced results of all prompts summed (None when any prompt has none)."""
+    if not per_prompt or any(p is None for p in per_prompt):
+        return None
+    diffs = [p["max_abs_logprob_diff"] for p in per_prompt if p["max_abs_logprob_diff"] is not None]
+    agreeing, positions = (
+        sum(p["agreeing"] for p in per_prompt),
+        sum(p["positions"] for p in per_prompt),
+    )
+    return {
+        "agreeing": agreeing,
+        "positions": positions,
+        "agreement": agreeing / positions if positions else None,
+        "max_abs_logprob_diff": max(diffs) if diffs else None,
+    }
+
+
 def compare_generations(reference: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
     """Compare an engine's generation record with the transformers reference, prompt by prompt.
 
@@ -111,7 +176,8 @@ def compare_generations(reference: dict[str, Any], engine: dict[str, Any]) -> di
     Returns:
         ``{"greedy_match": all prompts equal, "prompts_matching": n, "prompts": n,
         "max_abs_logprob_diff": over every compared position (None when none),
-        "per_prompt": [...]}``.
+        "teacher_forced": {"agreeing", "positions", "agreement", "max_abs_logprob_diff"} or None
+        when the engine record has no teacher-forced pass, "per_prompt": [...]}``.
     """
     if len(reference["prompts"]) != len(engine["prompts"]):
         raise CheckError(
@@ -119,13 +185,18 @@ def compare_generations(reference: dict[str, Any], engine: dict[str, Any]) -> di
             f"the engine {len(engine['prompts'])}"
         )
     pairs = zip(reference["prompts"], engine["prompts"], strict=True)
+    pairs = list(pairs)
     per_prompt = [compare_prompt(ref, eng) for ref, eng in pairs]
+    forced = [compare_forced(ref, eng) for ref, eng in pairs]
+    for prompt, one in zip(per_prompt, forced, strict=True):
+        prompt["teacher_forced"] = one
     diffs = [p["max_abs_logprob_diff"] for p in per_prompt if p["max_abs_logprob_diff"] is not None]
     return {
         "greedy_match": all(p["match"] for p in per_prompt),
         "prompts_matching": sum(p["match"] for p in per_prompt),
         "prompts": len(per_prompt),
         "max_abs_logprob_diff": max(diffs) if diffs else None,
+        "teacher_forced": _forced_total(forced),
         "per_prompt": per_prompt,
     }
 
@@ -190,6 +261,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  {role}: greedy {check['prompts_matching']}/{check['prompts']} prompts equal, "
             f"max |logprob diff| {diff_text}"
         )
+        forced = check.get("teacher_forced")
+        if forced:
+            forced_diff = forced["max_abs_logprob_diff"]
+            lines.append(
+                f"    teacher-forced: {forced['agreeing']}/{forced['positions']} positions choose "
+                f"transformers' token, max |logprob diff| "
+                f"{'n/a' if forced_diff is None else f'{forced_diff:.2e}'}"
+            )
         for index, prompt in enumerate(check["per_prompt"]):
             if not prompt["match"]:
                 tie = " (near tie)" if prompt["near_tie"] else ""

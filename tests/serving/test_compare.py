@@ -103,3 +103,47 @@ def test_records_round_trip_and_malformed_ones_are_refused(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(compare.CheckError, match="cannot read"):
         compare.read_record(tmp_path / "broken.json")
+
+
+def test_teacher_forced_agreement_counts_every_position_past_a_divergence():
+    ref = _record(
+        {"tokens": [5, 6, 7], "logprobs": [-0.1, -0.2, -0.3], "margins": [1, 1, 1]},
+        {"tokens": [5, 6], "logprobs": [-0.1, -0.2], "margins": [1, 1]},
+    )
+    eng = _record(
+        # greedy diverged at token 0, yet fed transformers' tokens it agrees at 2 of 3
+        {
+            "tokens": [4, 4, 4],
+            "logprobs": [-0.5, -1, -1],
+            "forced": {"tokens": [4, 6, 7], "logprobs": [-0.5, -0.2, -0.31]},
+        },
+        {
+            "tokens": [5, 6],
+            "logprobs": [-0.1, -0.2],
+            "forced": {"tokens": [5, 6], "logprobs": [-0.1, -0.2]},
+        },
+    )
+    result = compare.compare_generations(ref, eng)
+    assert result["prompts_matching"] == 1
+    forced = result["teacher_forced"]
+    assert (forced["agreeing"], forced["positions"]) == (4, 5)
+    assert forced["agreement"] == pytest.approx(0.8)
+    assert forced["max_abs_logprob_diff"] == pytest.approx(0.4)
+    assert result["per_prompt"][0]["teacher_forced"]["agreeing"] == 2
+    text = compare.format_summary(compare.summarise("llamacpp", {"model": result}, {}, {}))
+    assert "teacher-forced: 4/5 positions choose transformers' token" in text
+
+
+def test_teacher_forced_pass_is_optional_but_must_cover_the_reference():
+    ref = _record({"tokens": [5, 6], "logprobs": [-0.1, -0.2]})
+    assert (
+        compare.compare_generations(ref, _record({"tokens": [5, 6], "logprobs": [-0.1, -0.2]}))[
+            "teacher_forced"
+        ]
+        is None
+    )
+    short = _record(
+        {"tokens": [5, 6], "logprobs": [-0.1, -0.2], "forced": {"tokens": [5], "logprobs": [0.0]}}
+    )
+    with pytest.raises(compare.CheckError, match="teacher-forced pass"):
+        compare.compare_generations(ref, short)
