@@ -373,39 +373,49 @@ def greedy_trajectories(
     return trajectories, errors
 
 
+# Outputs a memoised wrapper keeps per input: the greedy's current thresholds and one trial.
+_MEMO_PER_INPUT = 2
+
+
 @contextlib.contextmanager
 def _memoised(wrappers: Sequence[SparseModule], max_inputs: int) -> Iterator[None]:
     """Inside: a wrapper called again on the very same input tensor, with its buffers (the
-    thresholds) equal to last time, returns its last output instead of recomputing it.
+    thresholds) equal to one of the last two calls on it, returns that call's output instead of
+    recomputing it.
 
     The greedy search replays a block once per trial with one wrapper changed: the wrappers
     upstream of it (gate and up when down is tried, the two others when gate is) see the same
-    captured input with the same thresholds, so their outputs are reused. Each wrapper keeps its
-    last ``max_inputs`` inputs (one per captured batch), an output that was changed in place is
-    never reused, and the plain ``forward`` is back on exit.
+    captured input with the thresholds of the current step, so their outputs are reused. Two
+    outputs per input (the current thresholds and the wrapper's own last trial, which becomes
+    the current one when the step picks it) keep every such reuse a hit. Each wrapper keeps the
+    outputs of its last ``max_inputs`` inputs (one per captured batch), an output that was
+    changed in place is never reused, and the plain ``forward`` is back on exit.
     """
 
     def _patch(wrapper: SparseModule) -> None:
         plain = wrapper.forward
-        memo: dict[int, tuple] = {}  # id(input) -> (input, buffers, output, output version)
+        # id(input) -> [(input, buffers, output, output version)], most recent last
+        memo: dict[int, list[tuple]] = {}
 
         def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
             buffers = list(wrapper.buffers())
-            hit = memo.get(id(x))
-            if (
-                hit is not None
-                and hit[0] is x
-                and not args
-                and not kwargs
-                and hit[3] == hit[2]._version
-                and all(torch.equal(a, b) for a, b in zip(hit[1], buffers, strict=True))
-            ):
-                return hit[2]
+            entries = memo.get(id(x), [])
+            if entries and entries[0][0] is not x:
+                entries = []  # an old input's id reused by a new tensor
+            if not args and not kwargs:
+                for i, entry in enumerate(entries):
+                    if entry[3] == entry[2]._version and all(
+                        torch.equal(a, b) for a, b in zip(entry[1], buffers, strict=True)
+                    ):
+                        entries.append(entries.pop(i))  # the most recent now
+                        return entry[2]
             out = plain(x, *args, **kwargs)
+            entries = entries[-(_MEMO_PER_INPUT - 1) :] if _MEMO_PER_INPUT > 1 else []
+            entries.append((x, [b.clone() for b in buffers], out, out._version))
             memo.pop(id(x), None)
             while len(memo) >= max(max_inputs, 1):
                 memo.pop(next(iter(memo)))  # the oldest input
-            memo[id(x)] = (x, [b.clone() for b in buffers], out, out._version)
+            memo[id(x)] = entries
             return out
 
         wrapper.forward = forward  # an instance attribute: nn.Module's __call__ finds it first
