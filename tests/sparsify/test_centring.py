@@ -111,6 +111,32 @@ def test_fit_centres_reads_the_raw_inputs_without_the_sink_positions(small_block
     assert not torch.allclose(with_sinks[2], expected, atol=1e-5)
 
 
+def test_the_moments_pass_reads_the_leading_tokens_and_the_histogram_pass_all(
+    calibration_blocks, monkeypatch
+):
+    from moefy.sparsify import centring
+
+    monkeypatch.setattr(centring, "MOMENT_TOKENS", 100)  # 4 blocks of 32
+    model = tiny_model("llama")
+    config = TEALConfig(centre="median")
+    wrapped = [wrapper for _, wrapper in handler_for(config).install(model, config)]
+    rows = {"moments": 0, "histogram": 0}
+    moments_add, histogram_add = centring.ChannelMoments.add, centring.ChannelHistogram.add
+
+    def count(kind, add):
+        def counted(self, values):
+            rows[kind] += values.shape[0]
+            return add(self, values)
+
+        return counted
+
+    monkeypatch.setattr(centring.ChannelMoments, "add", count("moments", moments_add))
+    monkeypatch.setattr(centring.ChannelHistogram, "add", count("histogram", histogram_add))
+    fit_centres(model, wrapped, calibration_blocks, centre="median", sink_positions=0)
+    assert rows["moments"] == 4 * 32 * len(wrapped)
+    assert rows["histogram"] == calibration_blocks.n_tokens * len(wrapped)
+
+
 # ---------------------------------------------------------------------------------------------
 # the wrappers
 

@@ -13,7 +13,8 @@ wrappers here subclass the plain ones, so calibration (histograms of what ``obse
 over: the centred input), the greedy allocation and the decode kernel work unchanged.
 
 The centre is estimated from two streamed passes with fixed-size accumulators: per-channel
-moments, then a per-channel histogram of ``MODE_BINS`` bins over ``mean +- MODE_RANGE_STDS``
+moments (on the first ``MOMENT_TOKENS`` tokens: they only place the bins), then a per-channel
+histogram of ``MODE_BINS`` bins over ``mean +- MODE_RANGE_STDS``
 standard deviations (plus under- and overflow bins). The mode is the centre of the densest
 window of the histogram smoothed twice by a box of the kernel-density bandwidth
 (Silverman's rule on a robust scale), refined by a parabola through its neighbours; the median
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -56,6 +58,10 @@ __all__ = [
 
 MODE_BINS = 256
 MODE_RANGE_STDS = 4.0
+# Tokens the first pass (moments: only the histogram's range) reads at most; the histogram pass
+# reads them all. The range needs no more: a channel's values beyond it land in the under- and
+# overflow bins, which the median counts and the mode never is.
+MOMENT_TOKENS = 4096
 # Silverman's rule of thumb for a Gaussian kernel: h = 0.9 * min(std, IQR / 1.34) * n ** -0.2
 _SILVERMAN = 0.9
 _IQR_PER_STD = 1.34
@@ -386,8 +392,9 @@ def fit_centres(
         wrapper.set_centre(torch.zeros_like(wrapper.centre))
     device = wrappers[0].centre.device if wrappers else None
     moments = [ChannelMoments(w.in_features, device) for w in wrappers]
+    first = data if centre == "mean" else _leading(data, MOMENT_TOKENS)
     _stream_into(
-        model, wrappers, [m.add for m in moments], data, batch_size, sink_positions, progress
+        model, wrappers, [m.add for m in moments], first, batch_size, sink_positions, progress
     )
     for m in moments:
         all_reduce_sum_(m.sums)
@@ -400,6 +407,12 @@ def fit_centres(
     for h in histograms:
         all_reduce_sum_(h.counts)
     return [(h.mode() if centre == "mode" else h.median()).float() for h in histograms]
+
+
+def _leading(data: TokenBlocks, tokens: int) -> TokenBlocks:
+    """The first blocks of ``data`` holding at least ``tokens`` tokens (all of it if fewer)."""
+    blocks = max(1, math.ceil(tokens / data.block_len))
+    return data if blocks >= data.num_blocks else replace(data, input_ids=data.input_ids[:blocks])
 
 
 def centre_wrappers(
