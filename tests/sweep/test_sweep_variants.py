@@ -89,3 +89,18 @@ def test_cli_level_for_a_variant(setting, tmp_path, capsys):
         ("dense", None),
         ("teal:attention=true", 0.6),
     ]
+
+
+def test_threshold_calibration_shows_progress_when_the_sweep_does(setting, tmp_path, capsys):
+    model, text = setting
+    config = SweepConfig(
+        model=str(model),
+        methods=("dense", "teal"),
+        levels=(0.5,),
+        eval=EvalConfig(data=str(text), tasks=("perplexity",), tokens=256, block_len=32),
+        calibration_tokens=1536,
+    )
+    sweep(config, tmp_path / "quiet")
+    assert "greedy allocation" not in capsys.readouterr().err
+    sweep(config, tmp_path / "shown", progress=True)
+    assert "greedy allocation" in capsys.readouterr().err

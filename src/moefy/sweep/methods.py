@@ -56,6 +56,8 @@ class SweepContext:
         cache: moefied models built on the fly, by folder, so each is built once.
         calibrations: each threshold method's calibration statistics, reused across its levels
             (the dense pass runs once; the greedy search once for the sparsest level first).
+        progress: show the threshold methods' calibration progress (its passes and the greedy
+            allocation), which can take minutes before a method's row appears.
     """
 
     model: str
@@ -68,6 +70,7 @@ class SweepContext:
     dtype: Any = "fp32"
     cache: dict[str, Any] | None = None
     calibrations: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
 
     def load_dense(self) -> nn.Module:
         """A fresh copy of the dense model."""
@@ -317,6 +320,7 @@ def _threshold(method: str) -> Callable[[SweepContext, float | None], nn.Module]
             config,
             context.calibration if config.needs_calibration else None,
             calibration=context.calibrations.get(method),
+            progress=context.progress,
         )
         if report.calibration is not None:
             context.calibrations[method] = report.calibration

@@ -276,7 +276,8 @@ def sweep(
     Args:
         config: the sweep.
         out: the sweep folder (cache, ``rows.json``, ``report.html``).
-        progress: show a progress bar over the dense evaluation.
+        progress: show progress bars over the dense evaluation and the threshold methods'
+            calibration.
         report: write the HTML report.
         overwrite: discard what an earlier sweep left in ``out``.
         on_row: called with each row evaluated in this run (not the cached ones), on rank 0,
@@ -395,6 +396,7 @@ def _evaluate_missing(
         experts=config.experts,
         device=device,
         dtype=dtype,
+        progress=progress,
     )
     for method, level in _calibration_order(todo):
         records.add(
