@@ -98,9 +98,16 @@ def test_a_calibration_is_reused_for_lower_levels(greedy, calibration_blocks):
         )
 
 
-@pytest.mark.parametrize("config", [TEALConfig(sparsity=0.5, greedy_tokens=128)], ids=["teal"])
+@pytest.mark.parametrize(
+    ("config", "most"),
+    [
+        (TEALConfig(sparsity=0.5, greedy_tokens=128), 0.65),
+        (TEALConfig(sparsity=0.5, greedy_tokens=128, attention=True), 0.55),
+    ],
+    ids=["teal", "teal-attention"],
+)
 def test_memoised_greedy_gives_the_same_thresholds_with_fewer_products(
-    config, calibration_blocks, monkeypatch
+    config, most, calibration_blocks, monkeypatch
 ):
     import contextlib
 
@@ -129,5 +136,9 @@ def test_memoised_greedy_gives_the_same_thresholds_with_fewer_products(
     for name in plain:
         assert torch.equal(plain[name], memo[name]), name
     # each greedy step replays 3 trials of (gate, up, down): 9 products without the memo, 7
-    # when one output per input is kept (measured: 672 -> 570 here), 5 with two (-> 370)
-    assert memo_products < 0.65 * plain_products
+    # when one output per input is kept (measured: 672 -> 570 here), 5 with two (-> 370).
+    # With attention the block is replayed whole and q, k, v, o, gate and up see recomputed
+    # inputs: matched by identity (the memo before 2026-12-05) they never hit (6405 -> 6405);
+    # matched by value, a trial recomputes only the tried wrapper and those downstream of it:
+    # 5+5+5+4+2+2+1 = 24 of 49 products per step (measured: 6405 -> 3258).
+    assert memo_products < most * plain_products

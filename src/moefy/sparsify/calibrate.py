@@ -375,47 +375,71 @@ def greedy_trajectories(
 
 # Outputs a memoised wrapper keeps per input: the greedy's current thresholds and one trial.
 _MEMO_PER_INPUT = 2
+# Entries of an input a memoised wrapper samples to look it up (then compared whole).
+_MEMO_SAMPLES = 64
+
+
+def _input_key(x: torch.Tensor) -> tuple:
+    """A cheap lookup key of a tensor's values: shape, dtype and a strided sample of entries.
+
+    Equal tensors get equal keys; unequal ones usually differ, and :func:`torch.equal` settles
+    the rest.
+    """
+    flat = x.detach().reshape(-1)
+    stride = max(1, flat.numel() // _MEMO_SAMPLES)
+    return (tuple(x.shape), x.dtype, x.device, tuple(flat[::stride].tolist()))
+
+
+def _same_input(entry: tuple, x: torch.Tensor) -> bool:
+    """Whether a memo entry's input, unchanged since it was stored, equals ``x``."""
+    stored, version = entry[0], entry[1]
+    return stored._version == version and (stored is x or torch.equal(stored, x))
 
 
 @contextlib.contextmanager
 def _memoised(wrappers: Sequence[SparseModule], max_inputs: int) -> Iterator[None]:
-    """Inside: a wrapper called again on the very same input tensor, with its buffers (the
-    thresholds) equal to one of the last two calls on it, returns that call's output instead of
-    recomputing it.
+    """Inside: a wrapper called again on an input equal to an earlier one (the same values),
+    with its buffers (the thresholds) equal to one of the last two calls on it, returns that
+    call's output instead of recomputing it.
 
     The greedy search replays a block once per trial with one wrapper changed: the wrappers
-    upstream of it (gate and up when down is tried, the two others when gate is) see the same
-    captured input with the thresholds of the current step, so their outputs are reused. Two
-    outputs per input (the current thresholds and the wrapper's own last trial, which becomes
-    the current one when the step picks it) keep every such reuse a hit. Each wrapper keeps the
-    outputs of its last ``max_inputs`` inputs (one per captured batch), an output that was
-    changed in place is never reused, and the plain ``forward`` is back on exit.
+    upstream of it (gate and up when down is tried; with ``attention``, every projection before
+    the tried one, whose inputs the replay recomputes to the same values) see inputs equal to
+    the current step's with the current thresholds, so their outputs are reused. Two outputs per
+    input (the current thresholds and the wrapper's own last trial, which becomes the current
+    one when the step picks it) keep every such reuse a hit. Inputs are matched by identity
+    first, then by :func:`_input_key` and :func:`torch.equal` (a pass over the input, far
+    cheaper than the product it saves). Each wrapper keeps the outputs of its last
+    ``max_inputs`` inputs (one per captured batch), an output that was changed in place is
+    never reused, and the plain ``forward`` is back on exit.
     """
 
     def _patch(wrapper: SparseModule) -> None:
         plain = wrapper.forward
-        # id(input) -> [(input, buffers, output, output version)], most recent last
-        memo: dict[int, list[tuple]] = {}
+        # input key -> [(input, its version, buffers, output, its version)], most recent last
+        memo: dict[tuple, list[tuple]] = {}
 
         def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            if args or kwargs or not isinstance(x, torch.Tensor):
+                return plain(x, *args, **kwargs)
             buffers = list(wrapper.buffers())
-            entries = memo.get(id(x), [])
-            if entries and entries[0][0] is not x:
-                entries = []  # an old input's id reused by a new tensor
-            if not args and not kwargs:
-                for i, entry in enumerate(entries):
-                    if entry[3] == entry[2]._version and all(
-                        torch.equal(a, b) for a, b in zip(entry[1], buffers, strict=True)
-                    ):
-                        entries.append(entries.pop(i))  # the most recent now
-                        return entry[2]
-            out = plain(x, *args, **kwargs)
+            key = _input_key(x)
+            entries = memo.get(key, [])
+            if entries and not _same_input(entries[0], x):
+                entries = []  # another input with the same sample, or changed in place
+            for i, entry in enumerate(entries):
+                if entry[4] == entry[3]._version and all(
+                    torch.equal(a, b) for a, b in zip(entry[2], buffers, strict=True)
+                ):
+                    entries.append(entries.pop(i))  # the most recent now
+                    return entry[3]
+            out = plain(x)
             entries = entries[-(_MEMO_PER_INPUT - 1) :] if _MEMO_PER_INPUT > 1 else []
-            entries.append((x, [b.clone() for b in buffers], out, out._version))
-            memo.pop(id(x), None)
+            entries.append((x, x._version, [b.clone() for b in buffers], out, out._version))
+            memo.pop(key, None)
             while len(memo) >= max(max_inputs, 1):
                 memo.pop(next(iter(memo)))  # the oldest input
-            memo[id(x)] = entries
+            memo[key] = entries
             return out
 
         wrapper.forward = forward  # an instance attribute: nn.Module's __call__ finds it first
