@@ -407,9 +407,9 @@ def _memoised(wrappers: Sequence[SparseModule], max_inputs: int) -> Iterator[Non
     the tried one, whose inputs the replay recomputes to the same values) see inputs equal to
     the current step's with the current thresholds, so their outputs are reused. Two outputs per
     input (the current thresholds and the wrapper's own last trial, which becomes the current
-    one when the step picks it) keep every such reuse a hit. Inputs are matched by identity
-    first, then by :func:`_input_key` and :func:`torch.equal` (a pass over the input, far
-    cheaper than the product it saves). Each wrapper keeps the outputs of its last
+    one when the step picks it) keep every such reuse a hit. Inputs are looked up by
+    :func:`_input_key`, then confirmed by identity or :func:`torch.equal` (a pass over the
+    input, far cheaper than the product it saves). Each wrapper keeps the outputs of its last
     ``max_inputs`` inputs (one per captured batch), an output that was changed in place is
     never reused, and the plain ``forward`` is back on exit.
     """
