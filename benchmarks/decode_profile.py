@@ -6,7 +6,8 @@ uniform thresholds on the FFN and attention inputs, 2,048 BBC News calibration t
 timed (best of ``--rounds`` generates of ``--new-tokens``) and then profiled with
 ``torch.profiler`` over ``--profile-tokens`` steps, its operators listed as milliseconds per
 token (self time: the sparse kernel, torch's matrix products, the compiled graph's own code,
-Dynamo's guard checks).
+Dynamo's cache lookup). The steps do not count zeros (``count=False``), as ``moefy bench`` times
+them.
 
 Run: .venv/bin/python benchmarks/decode_profile.py [--threads 2] [--sparsity 0.5]
 """
@@ -64,7 +65,7 @@ def main() -> None:
     length = PROMPT_TOKENS + max(args.new_tokens, args.profile_tokens, 4)
     timings = {}
     for label, net in (("dense", model), (f"teal {args.sparsity:g}", sparse)):
-        decoder = StaticDecoder(net, max_length=length)
+        decoder = StaticDecoder(net, max_length=length, count=False)  # as moefy bench times
         timings[label] = _ms_per_token(decoder, prompt, args.rounds, args.new_tokens)
         print(f"{label}: {timings[label]:.1f} ms/token ({args.threads} threads)")
         for name, ms, calls in _operators(decoder, prompt, args.profile_tokens):

@@ -15,12 +15,14 @@ same way, so their speeds compare fairly.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from moefy.errors import MoefyError
+from moefy.sparsify.wrappers import counters_paused
 
 DEFAULT_MAX_LENGTH = 256
 
@@ -35,6 +37,11 @@ class StaticDecoder:
             eagerly, the reference the compiled step is tested against).
         mode: ``torch.compile`` mode; default ``reduce-overhead`` (CUDA graphs) when the model
             is on CUDA, torch's default on the CPU.
+        count: let the sparse wrappers count the zeros they make (what ``moefy bench`` reads
+            back as the shares a token reads). ``False`` decodes as a deployment would: each
+            wrapper's counters (three int64 buffers, each an input of the compiled step and an
+            update per call) stay out of the step, about 1.5-2.5 ms of a 22 ms SmolLM2 step at
+            TEAL 50 % (``benchmarks/decode_profile.py``); the tokens are the same.
 
     Example:
         >>> decoder = StaticDecoder(model, max_length=128)
@@ -48,6 +55,7 @@ class StaticDecoder:
         max_length: int = DEFAULT_MAX_LENGTH,
         compile: bool = True,
         mode: str | None = None,
+        count: bool = True,
     ) -> None:
         from transformers import StaticCache
 
@@ -56,6 +64,7 @@ class StaticDecoder:
         self.model = model
         self.max_length = max_length
         self.device = next(model.parameters()).device
+        self.count = count
         try:
             self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         except (TypeError, ValueError, AttributeError) as err:
@@ -106,7 +115,10 @@ class StaticDecoder:
                 f"prompt ({length}) + new tokens ({new_tokens}) exceed the cache length "
                 f"{self.max_length}; raise max_length"
             )
-        with torch.inference_mode():  # the cache's tensors are made (lazily) in here too
+        # counters_paused is read when the step is traced: Dynamo guards on it, so a decoder
+        # that counts and one that does not each get their own graph
+        paused = contextlib.nullcontext() if self.count else counters_paused()
+        with torch.inference_mode(), paused:  # the cache's tensors are made lazily in here too
             self.cache.reset()
             # the prompt runs eagerly: its length varies, the compiled step is for one token
             prefill = self._forward(input_ids, torch.arange(length, device=self.device))

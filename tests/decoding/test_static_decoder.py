@@ -143,3 +143,41 @@ def test_frozen_layout_follows_a_dtype_move():
         frozen = layer._frozen_weight_t
         assert frozen is not None and frozen.dtype == torch.float64
         assert torch.equal(frozen, layer.base_layer.weight.detach().t())
+
+
+def _zeros_seen(model) -> int:
+    from moefy.sparsify.wrappers import sparse_modules
+
+    return sum(int(wrapper.zeros_seen) for _, wrapper in sparse_modules(model))
+
+
+def test_uncounted_compiled_step_equals_eager_and_leaves_counters_alone():
+    """count=False traces the step inside counters_paused (Inductor once failed on the None
+    tally: "getitem is not an OpOverload"); a counting decoder of the same model still counts."""
+    from moefy.cost import reset_counters
+
+    model, prompt = _teal(), _prompt()
+    torch._dynamo.reset()
+    counters.clear()
+    with use_backend("cpu"):
+        expected = StaticDecoder(model, max_length=16, compile=False).generate(prompt, NEW_TOKENS)
+        reset_counters(model)
+        got = StaticDecoder(model, max_length=16, count=False).generate(prompt, NEW_TOKENS)
+        assert torch.equal(got, expected)
+        assert _zeros_seen(model) == 0
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        StaticDecoder(model, max_length=16).generate(prompt, NEW_TOKENS)  # the guard: retraced
+    assert _zeros_seen(model) > 0
+
+
+def test_decode_speeds_compiled_counts_the_shares_of_uncounted_steps():
+    """The timed steps do not count; the eager counting pass still gives TEAL's bytes."""
+    from moefy.bench.decode import decode_speeds
+
+    dense, teal = tiny_model("llama").eval(), _teal()
+    torch._dynamo.reset()
+    with use_backend("cpu"):
+        speeds = decode_speeds(
+            {"dense": dense, "teal": teal}, _prompt(), 3, rounds=1, compiled=True
+        )
+    assert speeds["teal"].bytes_per_token < speeds["dense"].bytes_per_token

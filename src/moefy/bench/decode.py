@@ -5,7 +5,9 @@ Decode time per token is ``(T(n) - T(1)) / (n - 1)`` with ``T(n)`` the median ti
 ``generate`` of exactly ``n`` new tokens: the prompt's prefill cancels out. All models are timed
 round-robin in the same rounds, through transformers' ``generate`` or, compiled, through
 :class:`moefy.decoding.StaticDecoder` (static cache, ``torch.compile``d step; each model
-compiles in the untimed warm-up round).
+compiles in the untimed warm-up round). The compiled steps decode as a deployment would, without
+the sparse wrappers' zero counting (``count=False``); the shares each token reads are counted in
+one more decode per model, by the decoder's eager twin (the same tokens).
 """
 
 from __future__ import annotations
@@ -97,12 +99,18 @@ def decode_speeds(
     decode = {
         name: _decoder(model, input_ids, new_tokens, compiled) for name, model in models.items()
     }
+    # the pass that counts: generate, or the static decoder's eager twin (same tokens), since
+    # the timed compiled steps leave the counters out as a deployment would
+    counted = {
+        name: _decoder(model, input_ids, new_tokens, compiled, counting=True) if compiled else fn
+        for (name, model), fn in zip(models.items(), decode.values(), strict=True)
+    }
 
-    def call(name: str, n: int) -> Callable[[], object]:
+    def call(name: str, n: int, decoders=decode) -> Callable[[], object]:
         def run() -> object:
             if name in before:
                 before[name]()
-            return decode[name](n)
+            return decoders[name](n)
 
         return run
 
@@ -115,7 +123,7 @@ def decode_speeds(
     for name, model in models.items():
         # One more generate, alone, measures the shares this variant reads (models may be shared).
         reset_counters(model)
-        call(name, new_tokens)()
+        call(name, new_tokens, counted)()
         seconds = (medians[f"{name}|n"] - medians[f"{name}|1"]) / (new_tokens - 1)
         speeds[name] = DecodeSpeed(max(seconds, 1e-9), weight_bytes_per_token(model))
     return speeds
@@ -152,14 +160,21 @@ def speed_rows(
 
 
 def _decoder(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, compiled: bool
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    compiled: bool,
+    *,
+    counting: bool = False,
 ) -> Callable[[int], torch.Tensor]:
-    """``n -> (1, T + n)`` greedy tokens of ``model`` through generate or a static decoder."""
+    """``n -> (1, T + n)`` greedy tokens of ``model`` through generate or a static decoder
+    (compiled and not counting; ``counting``: its eager twin, whose wrappers count)."""
     if not compiled:
         return lambda n: generate_exactly(model, input_ids, n)
     from moefy.decoding import StaticDecoder
 
-    decoder = StaticDecoder(model, max_length=input_ids.shape[1] + new_tokens)
+    length = input_ids.shape[1] + new_tokens
+    decoder = StaticDecoder(model, max_length=length, compile=not counting, count=counting)
     return lambda n: decoder.generate(input_ids, n)
 
 
