@@ -40,8 +40,7 @@ class StaticDecoder:
         count: let the sparse wrappers count the zeros they make (what ``moefy bench`` reads
             back as the shares a token reads). ``False`` decodes as a deployment would: each
             wrapper's counters (three int64 buffers, each an input of the compiled step and an
-            update per call) stay out of the step, about 1.5-2.5 ms of a 22 ms SmolLM2 step at
-            TEAL 50 % (``benchmarks/decode_profile.py``); the tokens are the same.
+            update per call) stay out of the step; the tokens are the same.
 
     Example:
         >>> decoder = StaticDecoder(model, max_length=128)
