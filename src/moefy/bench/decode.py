@@ -99,31 +99,28 @@ def decode_speeds(
     decode = {
         name: _decoder(model, input_ids, new_tokens, compiled) for name, model in models.items()
     }
-    # the pass that counts: generate, or the static decoder's eager twin (same tokens), since
-    # the timed compiled steps leave the counters out as a deployment would
-    counted = {
-        name: _decoder(model, input_ids, new_tokens, compiled, counting=True) if compiled else fn
-        for (name, model), fn in zip(models.items(), decode.values(), strict=True)
-    }
 
-    def call(name: str, n: int, decoders=decode) -> Callable[[], object]:
+    def call(name: str, decoder: Callable[[int], torch.Tensor], n: int) -> Callable[[], object]:
         def run() -> object:
             if name in before:
                 before[name]()
-            return decoders[name](n)
+            return decoder(n)
 
         return run
 
     variants = {}
     for name in models:
-        variants[f"{name}|1"] = call(name, 1)
-        variants[f"{name}|n"] = call(name, new_tokens)
+        variants[f"{name}|1"] = call(name, decode[name], 1)
+        variants[f"{name}|n"] = call(name, decode[name], new_tokens)
     medians = interleaved_medians(variants, rounds=rounds)
     speeds = {}
     for name, model in models.items():
-        # One more generate, alone, measures the shares this variant reads (models may be shared).
+        # One more generate, alone, measures the shares this variant reads (models may be shared);
+        # compiled, by the static decoder's eager twin (same tokens), made only now: the timed
+        # steps leave the counters out, as a deployment would.
         reset_counters(model)
-        call(name, new_tokens, counted)()
+        counting = _decoder(model, input_ids, new_tokens, compiled, counting=True)
+        call(name, counting, new_tokens)()
         seconds = (medians[f"{name}|n"] - medians[f"{name}|1"]) / (new_tokens - 1)
         speeds[name] = DecodeSpeed(max(seconds, 1e-9), weight_bytes_per_token(model))
     return speeds

@@ -45,15 +45,18 @@ def _run(
     return implementation(chosen, name)(*args)
 
 
-def _tally_for_graph(zeros_out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``zeros_out``, or under ``torch.compile`` a scratch tally in its place when it is None.
+def _tally_for_graph(
+    zeros_out: torch.Tensor | None, x: torch.Tensor, chosen: Backend | None
+) -> torch.Tensor | None:
+    """``zeros_out``, or a scratch tally in its place when it is None and a compiled graph holds
+    the operator (``chosen`` a kernel; the reference twin takes None as it is).
 
     Inductor cannot lower an operator whose mutated argument is None (an AssertionError,
     "getitem is not an OpOverload"), which a step traced inside
     :func:`moefy.sparsify.wrappers.counters_paused` passes; a tally made in the graph and never
     read costs one int64 and keeps no state.
     """
-    if zeros_out is None and torch.compiler.is_compiling():
+    if zeros_out is None and chosen is not None and torch.compiler.is_compiling():
         return torch.zeros((), dtype=torch.int64, device=x.device)
     return zeros_out
 
@@ -171,7 +174,7 @@ def threshold_linear(
         >>> y = threshold_linear(x, w.t().contiguous(), None, torch.tensor(0.2), backend="cpu")
     """
     chosen = kernel_fits("threshold_linear", x, weight_t, extras=(bias,), backend=backend)
-    zeros_out = _tally_for_graph(zeros_out, x)
+    zeros_out = _tally_for_graph(zeros_out, x, chosen)
     return _run("threshold_linear", chosen, (x, weight_t, bias, threshold, zeros_out))
 
 
@@ -207,6 +210,6 @@ def threshold_gate_up(
     chosen = kernel_fits(
         "threshold_gate_up", x, gate_t, up_t, extras=(gate_bias, up_bias), backend=backend
     )
-    zeros_out = _tally_for_graph(zeros_out, x)
+    zeros_out = _tally_for_graph(zeros_out, x, chosen)
     args = (x, gate_t, up_t, gate_bias, up_bias, threshold, zeros_out)
     return _run("threshold_gate_up", chosen, args)
